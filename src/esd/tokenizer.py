@@ -1,0 +1,61 @@
+"""A real CLIP BPE tokenizer, offline.
+
+OpenAI's CLIP vocabulary ships as `bpe_simple_vocab_16e6.txt.gz` inside the PyPI packages
+`openai-clip` and `open-clip-torch`. `CLIPTokenizer` wants `vocab.json` + `merges.txt`; both follow
+from the merge list: 256 byte symbols, the same with the end-of-word mark, one token per merge
+(the first 48,894), then the two special tokens — 49,408 entries, the size SD1.x/SD2.x use.
+The derived files are shipped in `esd/configs/clip_tokenizer/`; `write_clip_tokenizer` re-derives them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+from transformers import CLIPTokenizer
+
+N_MERGES = 49152 - 256 - 2  # the slice OpenAI's own SimpleTokenizer keeps
+TOKENIZER_DIR = Path(__file__).parent / "configs" / "clip_tokenizer"
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP reversible byte -> printable unicode table, in CLIP's vocabulary order.
+
+    Printable bytes map to themselves and come first; the rest get code points from 256 up and
+    follow. The order matters: it fixes the first 256 token ids.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in printable}
+    others = [b for b in range(256) if b not in table]
+    table.update({b: chr(256 + i) for i, b in enumerate(others)})
+    return table
+
+
+def write_clip_tokenizer(bpe_gz: str | Path, out_dir: str | Path = TOKENIZER_DIR) -> Path:
+    """Derive `vocab.json`, `merges.txt` and configs for `CLIPTokenizer` from OpenAI's bpe file."""
+    lines = gzip.open(bpe_gz).read().decode("utf-8").split("\n")
+    merges = lines[1 : N_MERGES + 1]  # line 0 is a version header
+    symbols = list(bytes_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    config = {
+        "model_max_length": 77,  # without it pipelines overflow the 77-position CLIP text model
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "do_lower_case": True,
+        "tokenizer_class": "CLIPTokenizer",
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+def clip_tokenizer(path: str | Path = TOKENIZER_DIR) -> CLIPTokenizer:
+    """Load the shipped (or a given) CLIP tokenizer folder, offline."""
+    return CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
