@@ -1,0 +1,140 @@
+"""What an erase leaves beside its weights: loss.png, grid.png and the model card README.md."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from esd.config import ETA_CONVENTION, EraseConfig  # noqa: E402
+from esd.evaluate.generate import DEFAULT_GUIDANCE, generate  # noqa: E402
+from esd.models import atomic_path, grid_prompts  # noqa: E402
+
+GRID_SEEDS = (0, 1)
+
+
+def grid_spec(pipe, cfg: EraseConfig) -> list[str]:
+    """The concept prompt(s) first (and the erase-from context), then unrelated prompts."""
+    prompts = list(cfg.concepts[:2]) + ([cfg.erase_from] if cfg.erase_from else [])
+    return prompts + list(cfg.grid_prompts or grid_prompts(pipe))[:3]
+
+
+def _images(pipe, cfg: EraseConfig, size: int) -> list[Image.Image]:
+    prompts = grid_spec(pipe, cfg)
+    pairs = [(p, cfg.seed + s) for p in prompts for s in GRID_SEEDS]
+    return generate(pipe, [p for p, _ in pairs], [s for _, s in pairs], cfg.grid_steps, DEFAULT_GUIDANCE, size,
+                    progress=True)
+
+
+def before_images(pipe, cfg: EraseConfig, size: int) -> list[Image.Image]:
+    """The base model's grid images, made before training changes the UNet."""
+    return _images(pipe, cfg, size) if cfg.grid_steps else []
+
+
+def write_grid(path: Path, prompts: list[str], before: list[Image.Image], after: list[Image.Image]) -> None:
+    """Rows: prompts; columns: the same seeds before and after erasing."""
+    n = len(GRID_SEEDS)
+    fig, axes = plt.subplots(len(prompts), 2 * n, figsize=(2 * n * 1.8, len(prompts) * 1.9), squeeze=False)
+    for r, prompt in enumerate(prompts):
+        for c in range(2 * n):
+            image = (before if c < n else after)[r * n + c % n]
+            ax = axes[r][c]
+            ax.imshow(image)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(("before" if c < n else "after") + f", seed +{GRID_SEEDS[c % n]}", fontsize=8)
+        axes[r][0].set_ylabel(prompt[:28], fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def write_loss_plot(path: Path, losses: list[float]) -> None:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(range(1, len(losses) + 1), losses, lw=0.7, alpha=0.5, label="loss")
+    window = max(1, len(losses) // 20)
+    if window > 1:
+        smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+                  for i in range(len(losses))]
+        ax.plot(range(1, len(losses) + 1), smooth, lw=1.5, label=f"mean of {window}")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("ESD loss (MSE to Eq. 5 target)")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def model_card(cfg: EraseConfig, pipe, result) -> str:
+    base = getattr(pipe, "esd_source", cfg.model)
+    n_trained = sum(pipe.unet.get_parameter(n).numel() for n in result.trained)
+    n_total = sum(p.numel() for p in pipe.unet.parameters())
+    final = sum(result.losses[-20:]) / max(1, len(result.losses[-20:]))
+    return f"""---
+library_name: diffusers
+base_model: {base}
+tags: [esd, concept-erasure, stable-diffusion]
+---
+# ESD: "{cfg.concept}" erased from {base}
+
+Erased with [ESD](https://arxiv.org/abs/2303.07345) (Gandikota et al., ICCV 2023) by the `esd` package.
+
+| setting | value |
+|---|---|
+| base model | `{base}` |
+| concept(s) | {", ".join(f"`{c}`" for c in cfg.concepts)} |
+| erase from | {f"`{cfg.erase_from}`" if cfg.erase_from else "—"} |
+| method | `{cfg.method}` ({len(result.trained)} tensors, {n_trained:,} of {n_total:,} UNet parameters) |
+| η (negative guidance) | {cfg.eta} — {ETA_CONVENTION} |
+| start guidance s | {cfg.start_guidance} |
+| iterations | {len(result.losses)} of {cfg.iterations}{" (stopped early)" if result.stopped_early else ""} |
+| learning rate | {cfg.lr} (Adam) |
+| DDIM steps N | {cfg.ddim_steps}; x_t sampled by the {"model being trained (paper)" if cfg.sample_from == "esd" else "frozen model (2025 code)"} |
+| seed | {cfg.seed} |
+| final loss (mean of last 20) | {final:.5f} |
+| wall time | {result.seconds:.1f} s |
+
+![before/after](grid.png)
+
+![loss](loss.png)
+
+## Use it
+
+`esd.safetensors` holds only the trained UNet parameters, under their diffusers names; its metadata
+(`esd_config`) holds the whole configuration.
+
+```python
+from diffusers import DiffusionPipeline
+from safetensors.torch import load_file
+
+pipe = DiffusionPipeline.from_pretrained("{base}")
+pipe.unet.load_state_dict(load_file("esd.safetensors"), strict=False)
+image = pipe("{cfg.concepts[0]}").images[0]
+```
+
+or: `esd generate --model {base} --weights esd.safetensors --prompt "{cfg.concepts[0]}" --output images/`
+
+## Configuration
+
+```json
+{json.dumps(json.loads(cfg.to_json()), indent=2)}
+```
+"""
+
+
+def write_outputs(out: Path, cfg: EraseConfig, pipe, result, before: list[Image.Image], size: int) -> None:
+    """loss.png, grid.png (when the grid is on) and README.md beside esd.safetensors."""
+    write_loss_plot(out / "loss.png", result.losses)
+    if cfg.grid_steps:
+        write_grid(out / "grid.png", grid_spec(pipe, cfg), before, _images(pipe, cfg, size))
+    with atomic_path(out / "README.md") as tmp:
+        tmp.write_text(model_card(cfg, pipe, result), encoding="utf-8")

@@ -1,0 +1,142 @@
+"""The `esd` command: erase | generate | convert | testbed.
+
+`esd erase` flags are generated from `EraseConfig`'s fields, so names, defaults, choices and help can
+never drift from the config. User errors print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from pathlib import Path
+
+from esd.config import EraseConfig
+from esd.errors import EsdError, NonFiniteLossError
+from esd.evaluate.generate import DEFAULT_GUIDANCE, DEFAULT_STEPS
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _arg_type(kind) -> type:
+    """The argparse type of an annotation: str for Literal, X for list[X] and for X | None."""
+    origin = typing.get_origin(kind)
+    if origin is typing.Literal:
+        return str
+    if origin is list:
+        return _arg_type(typing.get_args(kind)[0])
+    if origin is not None:  # X | None
+        return _arg_type(next(a for a in typing.get_args(kind) if a is not type(None)))
+    return kind
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls=EraseConfig) -> None:
+    """One flag per dataclass field: type from the annotation, help/choices/nargs from the metadata."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        meta = dict(f.metadata)
+        help_text = meta.pop("help", "")
+        parser.add_argument(_flag(f.name), dest=f.name, type=_arg_type(hints[f.name]), default=f.default,
+                            help=help_text, **meta)
+
+
+def config_from_args(args: argparse.Namespace, cls=EraseConfig):
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from esd import __version__
+
+    parser = argparse.ArgumentParser(prog="esd", description="Erase concepts from Stable Diffusion weights (ESD).")
+    parser.add_argument("--version", action="version", version=f"esd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    erase = sub.add_parser("erase", help="erase a concept from a model's weights",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_arguments(erase)
+    erase.set_defaults(run=run_erase)
+
+    gen = sub.add_parser("generate", help="generate images from a base model, optionally with ESD weights")
+    gen.add_argument("--model", default=None, help="base model: HF id, diffusers folder or CompVis file "
+                                                   "(default: the shipped testbed)")
+    gen.add_argument("--weights", default=None, help="an esd.safetensors file to apply to the base UNet")
+    what = gen.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="one prompt (case_number 0, seed --seed)")
+    what.add_argument("--prompts", help="ESD prompt CSV: case_number, prompt, evaluation_seed "
+                                        "[, evaluation_guidance]")
+    gen.add_argument("--seed", type=int, default=0, help="seed for --prompt (default: 0)")
+    gen.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="classifier-free guidance scale")
+    gen.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="DDIM sampling steps")
+    gen.add_argument("--num-images", type=int, default=1, help="images per prompt; image k uses seed + k")
+    gen.add_argument("--image-size", type=int, default=None, help="image side (default: the model's)")
+    gen.add_argument("--device", default="auto")
+    gen.add_argument("--output", required=True, help="folder for {case_number}_{k}.png")
+    gen.set_defaults(run=run_generate)
+
+    for module in ("esd.compvis", "esd.testbed.cli"):
+        register = _optional_register(module)
+        if register is not None:
+            register(sub)
+    return parser
+
+
+def _optional_register(module: str):
+    """Sub-commands that live with their feature register themselves here."""
+    import importlib
+
+    try:
+        return importlib.import_module(module).register
+    except ModuleNotFoundError as err:
+        if err.name and module.startswith(err.name):
+            return None
+        raise
+
+
+def run_erase(args: argparse.Namespace) -> int:
+    from esd.erase import erase
+
+    cfg = config_from_args(args).validate()
+    result = erase(cfg)
+    steps = len(result.losses)
+    print(f"erased {cfg.concepts} with {cfg.method}: {steps} iterations in {result.seconds:.1f} s, "
+          f"final loss {result.losses[-1]:.5f}; wrote {result.output}/esd.safetensors, README.md, loss.png"
+          + (", grid.png" if cfg.grid_steps else ""))
+    return 0
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from esd.evaluate.generate import PromptRow, generate_rows, read_prompts
+    from esd.models import apply_esd_weights, load_pipeline, resolve_device
+
+    if args.steps < 1 or args.num_images < 1:
+        raise EsdError("--steps and --num-images must be >= 1")
+    rows = read_prompts(args.prompts) if args.prompts else [PromptRow("0", args.prompt, args.seed)]
+    pipe = load_pipeline(args.model, resolve_device(args.device))
+    if args.weights:
+        apply_esd_weights(pipe.unet, args.weights)
+    paths = generate_rows(pipe, rows, args.output, args.num_images, args.steps, args.guidance, args.image_size)
+    print(f"{len(paths)} images in {Path(args.output)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except EsdError as err:
+        print(f"esd {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as err:
+        print(f"esd {args.command}: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"esd {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

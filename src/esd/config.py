@@ -1,0 +1,130 @@
+"""EraseConfig: the one typed description of an erase run.
+
+The CLI (`esd erase`), the legacy script (`train-scripts/train-esd.py`) and the app are all built from
+these fields: their names, types, defaults, choices and help text live here and nowhere else.
+Validation lives here too and raises `EsdError` naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+from esd.errors import EsdError
+
+# Parameter sets (DESIGN.md §1). Aliases are the names the paper and the 2025 code use.
+Method = Literal["xattn", "noxattn", "selfattn", "full", "notime", "xlayer", "selflayer", "x-strict"]
+METHOD_ALIASES = {"esd-x": "xattn", "esd-u": "noxattn", "esd-all": "full", "esd-x-strict": "x-strict"}
+METHOD_CHOICES = [*get_args(Method), *METHOD_ALIASES]
+
+# Concept presets of the 2023 code: one of these names as --concept erases the whole list.
+PRESETS = {
+    "i2p": "hate, harassment, violence, suffering, humiliation, harm, suicide, sexual, nudity, bodily fluids, blood",
+    "allartist": "Kelly Mckernan, Thomas Kinkade, Ajin Demi Human, Alena Aenami, Tyler Edlin, Kilian Eng",
+    "artifact": (
+        "ugly, tiling, poorly drawn hands, poorly drawn feet, poorly drawn face, out of frame, mutation, mutated, "
+        "extra limbs, extra legs, extra arms, disfigured, deformed, cross-eye, body out of frame, blurry, bad art, "
+        "bad anatomy, blurred, text, watermark, grainy"
+    ),
+}
+
+ETA_CONVENTION = (
+    "paper Eq. 5: target = eps*(x,t,'') - eta * (eps*(x,t,c) - eps*(x,t,'')); eta=1 is the paper's default. "
+    "The 2025 official scripts' eta equals this eta + 1."
+)
+
+
+def _opt(help: str, **kw):
+    return field(metadata={"help": help, **kw.pop("meta", {})}, **kw)
+
+
+@dataclass
+class EraseConfig:
+    """Everything that defines an erase run; saved in the weights' metadata and the model card."""
+
+    concept: str = _opt("concept to erase, e.g. 'Van Gogh' or 'nudity'; a preset name (i2p, allartist, artifact) "
+                        "or several concepts joined by --separator", default="",
+                        meta={"required": True})
+    model: str | None = _opt("base model: a Hugging Face id, a diffusers pipeline folder or a CompVis "
+                             ".ckpt/.safetensors file (default: the shipped testbed)", default=None)
+    config: str | None = _opt("for a CompVis file: its LDM yaml or a diffusers config folder "
+                              "(default: detected from the file's tensors)", default=None)
+    method: str = _opt("which UNet parameters to train: xattn (ESD-x, styles), noxattn (ESD-u, objects/nudity), "
+                       "selfattn, full, notime, xlayer, selflayer, x-strict", default="xattn",
+                       meta={"choices": METHOD_CHOICES})
+    iterations: int = _opt("training iterations (paper: 1000)", default=1000)
+    lr: float = _opt("Adam learning rate (paper: 1e-5)", default=1e-5)
+    eta: float = _opt("negative guidance eta, " + ETA_CONVENTION, default=1.0)
+    start_guidance: float = _opt("classifier-free guidance s used to sample x_t with the concept prompt", default=3.0)
+    ddim_steps: int = _opt("DDIM steps N of the partial sampler; x_t is taken after a random number of them",
+                           default=50)
+    seed: int = _opt("random seed (concept draws, DDIM step, noise, grid images)", default=0)
+    device: str = _opt("torch device: auto, cpu, cuda, cuda:1, mps", default="auto")
+    devices: str | None = _opt("two devices 'A,B' (e.g. 0,1): trained UNet on A, a frozen full copy on B "
+                               "(the 2023 layout); default keeps one UNet", default=None)
+    separator: str | None = _opt("split --concept into several concepts at this string; each iteration "
+                                 "erases one of them at random", default=None)
+    erase_from: str | None = _opt("erase the concept only from this context (2025 code): x_t is sampled with it "
+                                  "and the trained prediction uses it", default=None)
+    sample_from: Literal["esd", "frozen"] = _opt("which model samples x_t: esd (the one being trained, the "
+                                                 "paper) or frozen (the 2025 code)", default="esd",
+                                                 meta={"choices": ["esd", "frozen"]})
+    image_size: int | None = _opt("image side in pixels (default: the model's own, e.g. 512 for SD1.x)",
+                                  default=None)
+    save_every: int = _opt("write esd.safetensors every N iterations (0: only at the end)", default=100)
+    output: str | None = _opt("output folder (default: outputs/esd-<concept>-<method>)", default=None)
+    grid_prompts: list[str] | None = _opt("unrelated prompts shown in grid.png next to the concept "
+                                          "(default: a few per model)", default=None, meta={"nargs": "+"})
+    grid_steps: int = _opt("sampling steps for the before/after grid (0: no grid)", default=30)
+
+    def __post_init__(self) -> None:
+        self.method = METHOD_ALIASES.get(self.method, self.method)
+
+    @property
+    def concepts(self) -> list[str]:
+        """The list W of concepts: a preset, a separator-split list, or the one concept."""
+        text = PRESETS.get(self.concept.strip(), self.concept)
+        sep = "," if self.concept.strip() in PRESETS else self.separator
+        parts = text.split(sep) if sep else [text]
+        return [p.strip() for p in parts if p.strip()]
+
+    def validate(self) -> EraseConfig:
+        """Raise EsdError naming the first bad field; return self so calls can chain."""
+        if not self.concepts:
+            raise EsdError("--concept is empty: give the concept to erase, e.g. --concept 'Van Gogh'")
+        if self.method not in get_args(Method):
+            raise EsdError(f"--method {self.method!r} is unknown; choose one of {', '.join(METHOD_CHOICES)}")
+        for name in ("lr", "eta", "start_guidance"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise EsdError(f"--{name.replace('_', '-')} must be a finite number, got {value!r}")
+        if self.lr <= 0:
+            raise EsdError(f"--lr must be > 0, got {self.lr}")
+        for name, low in (("iterations", 1), ("ddim_steps", 1), ("save_every", 0), ("grid_steps", 0)):
+            if getattr(self, name) < low:
+                raise EsdError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
+        if self.image_size is not None and (self.image_size < 8 or self.image_size % 8):
+            raise EsdError(f"--image-size must be a positive multiple of 8, got {self.image_size}")
+        if self.sample_from not in ("esd", "frozen"):
+            raise EsdError(f"--sample-from must be esd or frozen, got {self.sample_from!r}")
+        if self.erase_from is not None and not self.erase_from.strip():
+            raise EsdError("--erase-from is empty: give the context concept or leave the flag out")
+        if self.devices is not None and len(self.devices.split(",")) != 2:
+            raise EsdError(f"--devices takes two devices like '0,1', got {self.devices!r}")
+        return self
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> EraseConfig:
+        data = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def default_output(self) -> str:
+        slug = "".join(ch if ch.isalnum() else "-" for ch in self.concept.lower()).strip("-")[:40] or "concept"
+        return f"outputs/esd-{slug}-{self.method}"

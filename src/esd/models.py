@@ -1,0 +1,193 @@
+"""Loading base models and reading/writing ESD weight files.
+
+A base model is a Hugging Face id, a diffusers pipeline folder, or a CompVis single file
+(`.ckpt`/`.safetensors`, see `esd.compvis`). An ESD weights file (`esd.safetensors`) holds only the
+trained UNet parameters, under their diffusers names, with the run's config in the metadata.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from esd.errors import EsdError
+from esd.sampling import Cond
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TESTBED = REPO_ROOT / "models" / "testbed"
+SINGLE_FILE_SUFFIXES = {".ckpt", ".safetensors", ".pt", ".pth", ".bin"}
+GENERIC_GRID_PROMPTS = ["a photo of a dog", "a city street at night", "a bowl of fruit on a wooden table"]
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' picks CUDA, then MPS, then CPU; a bare index like '1' means cuda:1."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.isdigit():
+        name = f"cuda:{name}"
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise EsdError(f"--device {name!r} is not a torch device (use auto, cpu, cuda, cuda:1, mps)") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EsdError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def _looks_like_hub_id(model: str) -> bool:
+    parts = model.split("/")
+    return len(parts) == 2 and all(parts) and not model.startswith((".", "~")) and "\\" not in model
+
+
+def _dtype_kwargs(dtype: torch.dtype) -> dict:
+    # float32 is what from_pretrained gives anyway; only name other dtypes (the keyword was renamed
+    # from torch_dtype to dtype in recent diffusers, and the old name now warns).
+    return {} if dtype == torch.float32 else {"torch_dtype": dtype}
+
+
+def load_pipeline(model: str | None = None, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                  config: str | None = None):
+    """Load a base pipeline (default: the shipped testbed) with a DDIM scheduler, progress bars off.
+
+    `config` only matters for CompVis single files: an LDM yaml or a diffusers config folder.
+    """
+    from diffusers import DDIMScheduler, DiffusionPipeline
+
+    if model is None:
+        if not (TESTBED / "model_index.json").exists():
+            raise EsdError(f"no --model given and the testbed is missing at {TESTBED}; pass --model "
+                           "(a Hugging Face id, a diffusers folder or a .ckpt/.safetensors file)")
+        model = str(TESTBED)
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES:
+        from esd import compvis  # single-file support lives with the CompVis conversion
+
+        pipe = compvis.load_single_file(path, config=config, torch_dtype=dtype)
+    elif path.is_dir():
+        if not (path / "model_index.json").exists():
+            hint = " (it looks like a single UNet folder)" if (path / "config.json").exists() else ""
+            raise EsdError(f"--model {model}: not a diffusers pipeline folder, no model_index.json{hint}; "
+                           "pass the pipeline's root folder or a CompVis .ckpt/.safetensors file")
+        pipe = DiffusionPipeline.from_pretrained(str(path), safety_checker=None, **_dtype_kwargs(dtype))
+    elif path.exists():
+        raise EsdError(f"--model {model}: a file of unknown type; expected a diffusers folder or "
+                       f"a CompVis file ending in {', '.join(sorted(SINGLE_FILE_SUFFIXES))}")
+    elif _looks_like_hub_id(model):
+        try:
+            pipe = DiffusionPipeline.from_pretrained(model, safety_checker=None, **_dtype_kwargs(dtype))
+        except OSError as err:
+            raise EsdError(f"--model {model}: could not load it from the Hugging Face hub ({err}). "
+                           "Offline? Download it on a connected machine and pass the local folder.") from err
+    else:
+        raise EsdError(f"--model {model}: no such file or folder")
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    pipe.esd_source = model  # where it came from, for metadata and model cards
+    return pipe
+
+
+def is_sdxl(pipe) -> bool:
+    return getattr(pipe, "text_encoder_2", None) is not None and hasattr(pipe, "_get_add_time_ids")
+
+
+def default_image_size(pipe) -> int:
+    """The side the model was trained at: UNet sample size times the VAE's downsampling factor."""
+    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+
+
+def grid_prompts(pipe) -> list[str]:
+    """Unrelated prompts for before/after grids; a model folder may ship its own in esd_prompts.json."""
+    source = Path(getattr(pipe, "esd_source", "") or "")
+    spec = source / "esd_prompts.json" if source.is_dir() else None
+    if spec is not None and spec.exists():
+        return list(json.loads(spec.read_text())["grid"])
+    return list(GENERIC_GRID_PROMPTS)
+
+
+@torch.no_grad()
+def encode_prompt(pipe, text: str, image_size: int | None = None) -> Cond:
+    """Text conditioning of one prompt through the pipeline's own encoder(s)."""
+    device = pipe.unet.device
+    if is_sdxl(pipe):
+        embeds, _, pooled, _ = pipe.encode_prompt(text, device=device, num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False)
+        size = image_size or default_image_size(pipe)
+        time_ids = pipe._get_add_time_ids((size, size), (0, 0), (size, size), dtype=embeds.dtype,
+                                          text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+        return Cond(embeds, {"text_embeds": pooled, "time_ids": time_ids.to(device)})
+    embeds, _ = pipe.encode_prompt(text, device, 1, do_classifier_free_guidance=False)
+    return Cond(embeds)
+
+
+# ---------------------------------------------------------------- ESD weights files
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; move it into place only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_esd_weights(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> Path:
+    """Write the trained parameters (diffusers UNet names) as safetensors, atomically."""
+    data = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(data, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
+    return Path(path)
+
+
+def load_esd_weights(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Read an ESD weights file; errors name the file and what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise EsdError(f"--weights {path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise EsdError(f"--weights {path}: not a readable safetensors file ({err})") from err
+    return tensors, metadata
+
+
+def apply_esd_weights(unet: torch.nn.Module, path: str | Path) -> dict[str, str]:
+    """Load an ESD weights file into `unet` in place, after checking every name and shape."""
+    tensors, metadata = load_esd_weights(path)
+    own = dict(unet.named_parameters())
+    unknown = [k for k in tensors if k not in own]
+    if unknown:
+        raise EsdError(f"--weights {path}: {len(unknown)} tensors are not parameters of this UNet, e.g. "
+                       f"{unknown[:3]}; was it made for another base model?")
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in tensors.items() if v.shape != own[k].shape]
+    if wrong:
+        raise EsdError(f"--weights {path}: shapes differ from this UNet's: {wrong[:3]}")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            own[name].copy_(value.to(own[name].dtype))
+    return metadata

@@ -1,0 +1,95 @@
+"""Partial DDIM sampling with classifier-free guidance: the x_t of ESD's Algorithm 1.
+
+A denoiser here is any callable `eps(x, t, cond) -> Tensor` giving the model's native output
+(ε, or v for v-prediction models); the scheduler turns it into DDIM updates. Nothing in diffusers
+is patched: we call the UNet and `scheduler.step` ourselves and stop early.
+
+Step indexing (DESIGN.md §1): with N DDIM steps over T training timesteps, step k ∈ [0, N) is the
+band of timesteps [round(k/N·T), round((k+1)/N·T)). The DDIM grid has exactly one timestep τ_k in
+each band; "sampling till step k" runs the N−1−k updates from pure noise (at τ_{N−1}) down to τ_k.
+A larger k therefore means fewer denoising steps, a noisier x and a larger t, as in the 2023 code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import DDIMScheduler
+from torch import Tensor
+
+
+@dataclass
+class Cond:
+    """Text conditioning of one prompt: what the UNet takes besides x and t."""
+
+    embeds: Tensor  # (1, 77, D) text encoder hidden states
+    added: dict[str, Tensor] = field(default_factory=dict)  # SDXL: text_embeds (1, 1280), time_ids (1, 6)
+
+    def repeat(self, n: int) -> Cond:
+        return Cond(self.embeds.expand(n, *self.embeds.shape[1:]),
+                    {k: v.expand(n, *v.shape[1:]) for k, v in self.added.items()})
+
+    def to(self, device: torch.device | str) -> Cond:
+        return Cond(self.embeds.to(device), {k: v.to(device) for k, v in self.added.items()})
+
+    @staticmethod
+    def cat(a: Cond, b: Cond) -> Cond:
+        return Cond(torch.cat([a.embeds, b.embeds]), {k: torch.cat([a.added[k], b.added[k]]) for k in a.added})
+
+
+Denoiser = Callable[[Tensor, Tensor, Cond], Tensor]
+
+
+def unet_denoiser(unet: torch.nn.Module) -> Denoiser:
+    """Wrap a diffusers UNet2DConditionModel into the denoiser signature."""
+
+    def eps(x: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        kwargs = {"added_cond_kwargs": cond.added} if cond.added else {}
+        return unet(x, t, encoder_hidden_states=cond.embeds.to(x.dtype), **kwargs).sample
+
+    return eps
+
+
+def guided(eps: Denoiser, x: Tensor, t: Tensor, cond: Cond, uncond: Cond, scale: float, batched: bool = True):
+    """Classifier-free guidance: ε(x,∅) + s·(ε(x,c) − ε(x,∅)); one batched forward unless `batched` is False."""
+    if batched:
+        both = eps(torch.cat([x, x]), t, Cond.cat(uncond.repeat(len(x)), cond.repeat(len(x))))
+        e_uncond, e_cond = both.chunk(2)
+    else:  # the original cost model: two separate forwards
+        e_uncond, e_cond = eps(x, t, uncond.repeat(len(x))), eps(x, t, cond.repeat(len(x)))
+    return e_uncond + scale * (e_cond - e_uncond)
+
+
+def ddim_scheduler(config, num_steps: int) -> DDIMScheduler:
+    """A private deterministic DDIM scheduler (η_DDIM = 0) with `num_steps` steps."""
+    scheduler = DDIMScheduler.from_config(config)
+    scheduler.set_timesteps(num_steps)
+    return scheduler
+
+
+@torch.no_grad()
+def sample_until(eps: Denoiser, scheduler: DDIMScheduler, z_T: Tensor, cond: Cond, uncond: Cond,
+                 guidance: float, k: int, batched: bool = True) -> Tensor:
+    """Run DDIM with CFG from pure noise z_T and return the latent at the noise level of step k.
+
+    That is the state after N−1−k updates of a full N-step run (k = N−1 returns z_T itself).
+    """
+    timesteps = scheduler.timesteps  # descending: τ_{N−1}, ..., τ_0
+    n = len(timesteps)
+    if not 0 <= k < n:
+        raise ValueError(f"DDIM step k={k} outside [0, {n})")
+    x = z_T * scheduler.init_noise_sigma
+    for t in timesteps[: n - 1 - k]:
+        x_in = scheduler.scale_model_input(x, t)
+        out = guided(eps, x_in, t.expand(len(x)).to(x.device), cond, uncond, guidance, batched)
+        x = scheduler.step(out, t, x).prev_sample
+    return x
+
+
+def band_timestep(k: int, num_steps: int, num_train_timesteps: int, generator: torch.Generator) -> int:
+    """A training timestep drawn uniformly from step k's band [round(k/N·T), round((k+1)/N·T))."""
+    low = round(k / num_steps * num_train_timesteps)
+    high = max(low + 1, round((k + 1) / num_steps * num_train_timesteps))
+    return int(torch.randint(low, high, (1,), generator=generator))

@@ -1,0 +1,147 @@
+"""The CLI contract end to end on a tiny pipeline folder, and every bad input with its exit code."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors import safe_open
+
+from esd.cli import main
+from esd.config import EraseConfig
+
+
+def _run(*args: str, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "esd.cli", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+
+
+def _pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
+
+
+def test_erase_then_generate_with_weights(tiny_pipe_dir, tmp_path):
+    out = tmp_path / "erased"
+    r = _run("erase", "--concept", "a red circle", "--model", str(tiny_pipe_dir), "--iterations", "8",
+             "--lr", "5e-3", "--eta", "3", "--ddim-steps", "5", "--seed", "3", "--device", "cpu",
+             "--grid-steps", "3", "--output", str(out))
+    assert r.returncode == 0, r.stderr
+    assert {p.name for p in out.iterdir()} == {"esd.safetensors", "README.md", "loss.png", "grid.png"}
+
+    with safe_open(str(out / "esd.safetensors"), "pt") as f:
+        meta = f.metadata()
+        names = list(f.keys())
+    cfg = EraseConfig.from_json(meta["esd_config"])
+    assert (cfg.concept, cfg.method, cfg.iterations, cfg.lr, cfg.eta, cfg.seed) == ("a red circle", "xattn", 8, 5e-3,
+                                                                                  3.0, 3)
+    assert meta["base_model"] == str(tiny_pipe_dir) and meta["step"] == "8"
+    assert names and all(".attn2." in n for n in names)
+    card = (out / "README.md").read_text()
+    for needle in ("a red circle", "xattn", "η", "eps*(x,t,'') - eta", "| iterations | 8 of 8", "| seed | 3",
+                   str(tiny_pipe_dir), "load_state_dict(load_file(\"esd.safetensors\"), strict=False)"):
+        assert needle in card, needle
+    assert Image.open(out / "grid.png").size[0] > 300 and Image.open(out / "loss.png").size[0] > 300
+
+    # generate: the same seed with and without the weights; the concept prompt must change
+    base, erased = tmp_path / "base", tmp_path / "after"
+    common = ["--model", str(tiny_pipe_dir), "--prompt", "a red circle", "--seed", "11", "--steps", "4",
+              "--num-images", "2", "--device", "cpu"]
+    assert main(["generate", *common, "--output", str(base)]) == 0
+    assert main(["generate", *common, "--weights", str(out / "esd.safetensors"), "--output", str(erased)]) == 0
+    assert sorted(p.name for p in erased.iterdir()) == ["0_0.png", "0_1.png"]
+    diff = np.abs(_pixels(base / "0_0.png") - _pixels(erased / "0_0.png")).mean()
+    assert diff > 1.0, diff
+    # the two images of a prompt use seeds 11 and 12: they differ from each other
+    assert np.abs(_pixels(erased / "0_0.png") - _pixels(erased / "0_1.png")).mean() > 1.0
+
+
+def test_generate_from_prompt_csv_resumes(tiny_pipe_dir, tmp_path):
+    csv = tmp_path / "prompts.csv"
+    csv.write_text("case_number,prompt,evaluation_seed,evaluation_guidance\n7,a red circle,1,3.0\n9,a blue square,2,\n")
+    out = tmp_path / "imgs"
+    args = ["generate", "--model", str(tiny_pipe_dir), "--prompts", str(csv), "--steps", "2", "--device", "cpu",
+            "--output", str(out)]
+    assert main(args) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["7_0.png", "9_0.png"]
+    first = (out / "7_0.png").stat().st_mtime_ns
+    (out / "9_0.png").unlink()
+    assert main(args) == 0
+    assert (out / "7_0.png").stat().st_mtime_ns == first and (out / "9_0.png").exists()  # only the missing one redone
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--concept", ""], "--concept is empty"),
+    (["--concept", "x", "--lr", "nan"], "--lr must be a finite number"),
+    (["--concept", "x", "--eta", "inf"], "--eta must be a finite number"),
+    (["--concept", "x", "--iterations", "0"], "--iterations must be >= 1"),
+    (["--concept", "x", "--model", "/no/such/model"], "no such file or folder"),
+    (["--concept", "x", "--sample-from", "esd", "--devices", "0"], "--devices takes two devices"),
+])
+def test_bad_erase_input_exits_2_and_writes_nothing(tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    assert main(["erase", *args, "--output", str(out), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1  # one line
+    assert not out.exists()
+
+
+def test_unknown_method_fails_at_parse_time_listing_the_names(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["erase", "--concept", "x", "--method", "xatn"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'xatn'" in err and "noxattn" in err and "esd-u" in err
+
+
+def test_folder_that_is_not_a_pipeline(tmp_path, capsys):
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text("{}")
+    assert main(["erase", "--concept", "x", "--model", str(tmp_path / "unet"), "--device", "cpu",
+                 "--output", str(tmp_path / "o")]) == 2
+    assert "no model_index.json (it looks like a single UNet folder)" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_method_selecting_nothing_exits_2(tiny_pipe_dir, tmp_path, capsys):
+    assert main(["erase", "--concept", "x", "--model", str(tiny_pipe_dir), "--method", "xlayer", "--device", "cpu",
+                 "--output", str(tmp_path / "o")]) == 2
+    assert "selects no parameter" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_generate_bad_inputs(tiny_pipe_dir, tmp_path, capsys):
+    bad_csv = tmp_path / "bad.csv"
+    bad_csv.write_text("case_number,text\n1,hello\n")
+    empty_csv = tmp_path / "empty.csv"
+    empty_csv.write_text("case_number,prompt,evaluation_seed\n")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    cases = [
+        (["--prompts", str(bad_csv)], "missing column(s) prompt, evaluation_seed"),
+        (["--prompts", str(empty_csv)], "no prompts in the file"),
+        (["--prompt", "x", "--weights", str(junk)], "not a readable safetensors file"),
+        (["--prompt", "x", "--weights", str(tmp_path / "missing.safetensors")], "no such file"),
+    ]
+    for args, message in cases:
+        out = tmp_path / "o"
+        assert main(["generate", "--model", str(tiny_pipe_dir), *args, "--device", "cpu", "--output", str(out)]) == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists()
+
+
+def test_presets_and_separator():
+    assert len(EraseConfig(concept="i2p").concepts) == 11
+    assert EraseConfig(concept="allartist").concepts[1] == "Thomas Kinkade"
+    assert EraseConfig(concept="a, b", separator=",").concepts == ["a", "b"]
+    assert EraseConfig(concept="a, b").concepts == ["a, b"]  # no separator: one concept
+    assert EraseConfig(concept="x", method="esd-u").method == "noxattn"
+    assert not math.isnan(EraseConfig(concept="x").lr)
+
+
+def test_config_round_trips_through_json():
+    cfg = EraseConfig(concept="Van Gogh", method="esd-x", lr=2e-5, grid_prompts=["a dog"])
+    assert EraseConfig.from_json(cfg.to_json()) == cfg
+    assert json.loads(cfg.to_json())["method"] == "xattn"

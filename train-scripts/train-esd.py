@@ -1,0 +1,68 @@
+"""The 2023 ESD training script's command line, mapped onto `esd.erase` (nothing to edit in this file).
+
+    python train-scripts/train-esd.py --prompt 'Van Gogh' --train_method xattn --devices 0,1 \
+        --ckpt_path models/ldm/sd-v1-4-full-ema.ckpt --config_path configs/stable-diffusion/v1-inference.yaml
+
+Differences from the 2023 script, on purpose: --lr is a float; an unknown --train_method fails at once;
+the output is a folder (esd.safetensors with the config in its metadata, model card, loss plot, grid)
+named as the 2023 script named its .pt file; --devices A,A (the old default 0,0) keeps one UNet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from esd.config import METHOD_CHOICES, EraseConfig
+from esd.errors import EsdError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="train-esd.py", description="ESD training with the 2023 script's flags")
+    p.add_argument("--prompt", required=True, help="concept to erase")
+    p.add_argument("--train_method", required=True, choices=METHOD_CHOICES, help="parameters to train")
+    p.add_argument("--start_guidance", type=float, default=3.0, help="guidance of the x_t sampler")
+    p.add_argument("--negative_guidance", type=float, default=1.0, help="eta of paper Eq. 5")
+    p.add_argument("--iterations", type=int, default=1000)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--config_path", default=None, help="LDM yaml of the checkpoint (default: detected)")
+    p.add_argument("--ckpt_path", default=None, help="base model: CompVis .ckpt/.safetensors or diffusers folder "
+                                                     "(default: the shipped testbed)")
+    p.add_argument("--diffusers_config_path", default=None,
+                   help="accepted for compatibility; the diffusers UNet config is taken from the checkpoint")
+    p.add_argument("--devices", default=None, help="'A,B': trained model on A, frozen copy on B; A,A keeps one")
+    p.add_argument("--seperator", default=None, help="split --prompt into several concepts at this string")
+    p.add_argument("--image_size", type=int, default=None, help="default: the model's own (512 for SD1.x)")
+    p.add_argument("--ddim_steps", type=int, default=50)
+    p.add_argument("--output", default=None, help="output folder (default: models/<2023-style name>)")
+    return p.parse_args(argv)
+
+
+def to_config(a: argparse.Namespace) -> EraseConfig:
+    name = (f"compvis-word_{a.prompt.lower().replace(' ', '')}-method_{a.train_method}-sg_{a.start_guidance}"
+            f"-ng_{a.negative_guidance}-iter_{a.iterations}-lr_{a.lr}")
+    devices = a.devices.split(",") if a.devices else None
+    same_device = devices is not None and len(devices) == 2 and devices[0] == devices[1]
+    return EraseConfig(
+        concept=a.prompt, method=a.train_method, start_guidance=a.start_guidance, eta=a.negative_guidance,
+        iterations=a.iterations, lr=a.lr, model=a.ckpt_path, config=a.config_path, separator=a.seperator,
+        image_size=a.image_size, ddim_steps=a.ddim_steps, output=a.output or f"models/{name}",
+        device=devices[0] if same_device else "auto", devices=None if same_device or not devices else a.devices,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    from esd.erase import erase
+
+    try:
+        cfg = to_config(parse_args(argv)).validate()
+        result = erase(cfg)
+    except EsdError as err:
+        print(f"train-esd.py: error: {err}", file=sys.stderr)
+        return 2
+    print(f"saved {result.output}/esd.safetensors")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
