@@ -47,7 +47,7 @@ def tiny_vae() -> AutoencoderKL:
     )
 
 
-def tiny_text_encoder(hidden_size: int = TEXT_DIM) -> CLIPTextModel:
+def tiny_text_encoder(hidden_size: int = TEXT_DIM, **overrides) -> CLIPTextModel:
     config = CLIPTextConfig(
         vocab_size=49408,
         hidden_size=hidden_size,
@@ -58,6 +58,7 @@ def tiny_text_encoder(hidden_size: int = TEXT_DIM) -> CLIPTextModel:
         bos_token_id=49406,
         eos_token_id=49407,
         pad_token_id=49407,
+        **overrides,
     )
     return CLIPTextModel(config)
 
@@ -90,3 +91,100 @@ def tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_layout(n_blocks: int = 2, layers_per_block: int = 1, xl: bool = False) -> dict:
+    """UNet overrides for `n_blocks` resolution levels, each `layers_per_block` resnets deep.
+
+    SD1.x/SD2.x put cross-attention everywhere but at the lowest resolution; SDXL leaves it out at
+    the highest resolution instead. Used to test key mappings on non-default layouts.
+    """
+    widths = tuple(32 * min(2**i, 2) for i in range(n_blocks))  # 32, 64, 64, ...: stays tiny
+    if xl:
+        down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n_blocks - 1)
+    else:
+        down = ("CrossAttnDownBlock2D",) * (n_blocks - 1) + ("DownBlock2D",)
+    up = tuple(t.replace("Down", "Up") for t in reversed(down))
+    return dict(block_out_channels=widths, layers_per_block=layers_per_block, down_block_types=down, up_block_types=up)
+
+
+def tiny_sd2_pipeline(
+    v_prediction: bool = True, seed: int = 0, n_blocks: int = 2, layers_per_block: int = 1
+) -> StableDiffusionPipeline:
+    """An SD2.x-layout pipeline: OpenCLIP-style text encoder, linear transformer projections, v or ε.
+
+    diffusers models SD2's OpenCLIP ViT-H text tower as a `CLIPTextModel` with plain GELU (OpenAI's
+    CLIP uses quick-GELU); `attention_head_dim` is a per-block tuple (it holds head counts there).
+    """
+    torch.manual_seed(seed)
+    layout = tiny_layout(n_blocks, layers_per_block)
+    heads = tuple(w // 16 for w in layout["block_out_channels"])
+    unet = tiny_unet(use_linear_projection=True, attention_head_dim=heads, **layout)
+    text_encoder = tiny_text_encoder(hidden_act="gelu")
+    scheduler = DDIMScheduler.from_config(
+        tiny_scheduler().config, prediction_type="v_prediction" if v_prediction else "epsilon"
+    )
+    pipe = StableDiffusionPipeline(
+        vae=tiny_vae(),
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer(pad_token="!"),  # SD2's tokenizer pads with "!" (id 0), not <|endoftext|>
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+TEXT_DIM_2 = 48  # differs from TEXT_DIM: diffusers tells SDXL's two encoders apart by width
+TIME_EMBED_DIM = 8  # SDXL uses 256 per micro-conditioning scalar; 6 scalars
+
+
+def tiny_sdxl_pipeline(seed: int = 0, n_blocks: int = 2, layers_per_block: int = 1):
+    """An SDXL-layout pipeline: CLIP-L-style + OpenCLIP-bigG-style encoders, text_time embedding."""
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    layout = tiny_layout(n_blocks, layers_per_block, xl=True)
+    heads = tuple(max(w // 16, 1) for w in layout["block_out_channels"])
+    unet = tiny_unet(
+        cross_attention_dim=TEXT_DIM + TEXT_DIM_2,  # the two encoders' hidden states, concatenated
+        use_linear_projection=True,
+        attention_head_dim=heads,
+        transformer_layers_per_block=tuple(1 + (i == n_blocks - 1) for i in range(n_blocks)),  # deeper at low res, as SDXL
+        addition_embed_type="text_time",
+        addition_time_embed_dim=TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + TEXT_DIM_2,  # time ids + pooled text
+        **layout,
+    )
+    config_2 = tiny_text_encoder(TEXT_DIM_2, hidden_act="gelu", projection_dim=TEXT_DIM_2).config
+    pipe = StableDiffusionXLPipeline(
+        vae=tiny_vae(),
+        text_encoder=tiny_text_encoder(),
+        text_encoder_2=CLIPTextModelWithProjection(config_2),
+        tokenizer=clip_tokenizer(),
+        tokenizer_2=clip_tokenizer(pad_token="!"),
+        unet=unet,
+        scheduler=tiny_scheduler(),
+        force_zeros_for_empty_prompt=True,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sd1_layout_unet() -> UNet2DConditionModel:
+    """SD1.x's exact block structure (4 levels, 2 layers per block, 16 transformer blocks), tiny widths.
+
+    Parameter names match SD1.4's one for one, so the layer-specific methods (xlayer, selflayer)
+    select what they select on the real model.
+    """
+    return tiny_unet(
+        block_out_channels=(16, 16, 16, 16),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        attention_head_dim=4,
+    )

@@ -56,6 +56,6 @@ def write_clip_tokenizer(bpe_gz: str | Path, out_dir: str | Path = TOKENIZER_DIR
     return out
 
 
-def clip_tokenizer(path: str | Path = TOKENIZER_DIR) -> CLIPTokenizer:
-    """Load the shipped (or a given) CLIP tokenizer folder, offline."""
-    return CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
+def clip_tokenizer(path: str | Path = TOKENIZER_DIR, **overrides) -> CLIPTokenizer:
+    """Load the shipped (or a given) CLIP tokenizer folder, offline; `pad_token="!"` gives SD2's."""
+    return CLIPTokenizer.from_pretrained(str(path), local_files_only=True, **overrides)
