@@ -45,3 +45,30 @@ def test_script_runs_end_to_end(tiny_pipe_dir, tmp_path):
     bad = subprocess.run([sys.executable, str(SCRIPT), "--prompt", "x", "--train_method", "xatn"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_script_on_a_compvis_checkpoint_writes_compvis_file_and_diffusers_unet(tiny_pipe, tiny_pipe_dir, tmp_path):
+    import torch
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    from esd.compvis import export_pipeline, read_checkpoint, unet_key_map
+
+    ckpt = export_pipeline(tiny_pipe, tmp_path / "tiny.ckpt")  # a pickled CompVis checkpoint
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, str(SCRIPT), "--prompt", "a red circle", "--train_method", "xattn",
+                        "--iterations", "2", "--ddim_steps", "3", "--lr", "1e-2", "--ckpt_path", str(ckpt),
+                        "--config_path", str(tiny_pipe_dir), "--devices", "cpu,cpu", "--output", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    erased = load_file(str(out / "esd.safetensors"))
+    before, after = read_checkpoint(ckpt), read_checkpoint(out / "compvis.ckpt")
+    assert set(after) == set(before)  # every tensor of the original is there
+    to_compvis = unet_key_map(tiny_pipe.unet)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {to_compvis[name] for name in erased}  # exactly the erased UNet tensors differ
+    for name, value in erased.items():
+        assert torch.equal(after[to_compvis[name]], value)
+    unet = UNet2DConditionModel.from_pretrained(out / "diffusers-unet")
+    for name, value in erased.items():
+        assert torch.equal(unet.get_parameter(name).detach(), value)

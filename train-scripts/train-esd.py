@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from esd.config import METHOD_CHOICES, EraseConfig
 from esd.errors import EsdError
@@ -43,24 +44,33 @@ def to_config(a: argparse.Namespace) -> EraseConfig:
             f"-ng_{a.negative_guidance}-iter_{a.iterations}-lr_{a.lr}")
     devices = a.devices.split(",") if a.devices else None
     same_device = devices is not None and len(devices) == 2 and devices[0] == devices[1]
+    compvis_in = a.ckpt_path is not None and Path(a.ckpt_path).is_file()
     return EraseConfig(
         concept=a.prompt, method=a.train_method, start_guidance=a.start_guidance, eta=a.negative_guidance,
         iterations=a.iterations, lr=a.lr, model=a.ckpt_path, config=a.config_path, separator=a.seperator,
         image_size=a.image_size, ddim_steps=a.ddim_steps, output=a.output or f"models/{name}",
         device=devices[0] if same_device else "auto", devices=None if same_device or not devices else a.devices,
+        # a CompVis base comes back as a CompVis file in the same format, as the 2023 script did
+        save_compvis=compvis_in, compvis_format="ckpt" if compvis_in and Path(a.ckpt_path).suffix == ".ckpt"
+        else "safetensors",
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     from esd.erase import erase
+    from esd.models import load_pipeline, resolve_device
 
     try:
         cfg = to_config(parse_args(argv)).validate()
-        result = erase(cfg)
+        device = resolve_device(cfg.devices.split(",")[0] if cfg.devices else cfg.device)
+        pipe = load_pipeline(cfg.model, device, config=cfg.config)
+        result = erase(cfg, pipe=pipe)
     except EsdError as err:
         print(f"train-esd.py: error: {err}", file=sys.stderr)
         return 2
-    print(f"saved {result.output}/esd.safetensors")
+    pipe.unet.save_pretrained(result.output / "diffusers-unet")  # the 2023 script's diffusers UNet export
+    print(f"saved {result.output}/esd.safetensors, {result.output}/diffusers-unet"
+          + (f", {result.compvis}" if result.compvis else ""))
     return 0
 
 

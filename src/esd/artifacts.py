@@ -102,6 +102,7 @@ Erased with [ESD](https://arxiv.org/abs/2303.07345) (Gandikota et al., ICCV 2023
 | seed | {cfg.seed} |
 | final loss (mean of last 20) | {final:.5f} |
 | wall time | {result.seconds:.1f} s |
+| CompVis single file | {f"`{result.compvis.name}` (for AUTOMATIC1111/ComfyUI)" if result.compvis else "— (`--save-compvis` writes one)"} |
 
 ![before/after](grid.png)
 

@@ -39,6 +39,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=EraseConfig) -> No
     for f in dataclasses.fields(cls):
         meta = dict(f.metadata)
         help_text = meta.pop("help", "")
+        if hints[f.name] is bool:
+            parser.add_argument(_flag(f.name), dest=f.name, action="store_true", help=help_text)
+            continue
         parser.add_argument(_flag(f.name), dest=f.name, type=_arg_type(hints[f.name]), default=f.default,
                             help=help_text, **meta)
 
@@ -103,7 +106,7 @@ def run_erase(args: argparse.Namespace) -> int:
     steps = len(result.losses)
     print(f"erased {cfg.concepts} with {cfg.method}: {steps} iterations in {result.seconds:.1f} s, "
           f"final loss {result.losses[-1]:.5f}; wrote {result.output}/esd.safetensors, README.md, loss.png"
-          + (", grid.png" if cfg.grid_steps else ""))
+          + (", grid.png" if cfg.grid_steps else "") + (f", {result.compvis}" if result.compvis else ""))
     return 0
 
 

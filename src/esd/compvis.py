@@ -600,6 +600,14 @@ def save_compvis(state_dict: dict[str, Tensor], path: str | Path, base: dict[str
     return path
 
 
+def export_pipeline(pipe, dst: str | Path, base_file: str | Path | None = None) -> Path:
+    """Write `pipe` as one CompVis file; a CompVis `base_file` contributes every tensor but the UNet."""
+    base = None
+    if base_file is not None and Path(base_file).is_file():
+        base = read_checkpoint(base_file)
+    return save_compvis(diffusers_to_compvis(pipe), dst, base=base)
+
+
 def _unshare(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     # safetensors refuses two names on one storage (the EMA twin written above); copy the repeats.
     seen: set[int] = set()

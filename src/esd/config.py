@@ -75,6 +75,10 @@ class EraseConfig:
     image_size: int | None = _opt("image side in pixels (default: the model's own, e.g. 512 for SD1.x)",
                                   default=None)
     save_every: int = _opt("write esd.safetensors every N iterations (0: only at the end)", default=100)
+    save_compvis: bool = _opt("also write the erased model as one CompVis file (for AUTOMATIC1111/ComfyUI); "
+                              "a CompVis base keeps all its other tensors", default=False)
+    compvis_format: Literal["safetensors", "ckpt"] = _opt("file format of --save-compvis", default="safetensors",
+                                                          meta={"choices": ["safetensors", "ckpt"]})
     output: str | None = _opt("output folder (default: outputs/esd-<concept>-<method>)", default=None)
     grid_prompts: list[str] | None = _opt("unrelated prompts shown in grid.png next to the concept "
                                           "(default: a few per model)", default=None, meta={"nargs": "+"})

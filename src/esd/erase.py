@@ -49,6 +49,7 @@ class EraseResult:
     trained: list[str] = field(default_factory=list)  # parameter names
     seconds: float = 0.0
     stopped_early: bool = False
+    compvis: Path | None = None  # the CompVis single file, with --save-compvis
 
 
 def esd_metadata(cfg: EraseConfig, pipe, step: int, trained: list[str]) -> dict[str, str]:
@@ -149,5 +150,9 @@ def erase(cfg: EraseConfig, pipe=None, progress: bool = True,
     result.seconds = time.perf_counter() - start
     steps = len(result.losses)
     save_esd_weights(out / "esd.safetensors", params, esd_metadata(cfg, pipe, steps, trained_names))
+    if cfg.save_compvis:
+        from esd.compvis import export_pipeline
+
+        result.compvis = export_pipeline(pipe, out / f"compvis.{cfg.compvis_format}", base_file=cfg.model)
     write_outputs(out, cfg, pipe, result, before, size)
     return result
