@@ -13,7 +13,8 @@ from PIL import Image  # noqa: E402
 
 from esd.config import ETA_CONVENTION, EraseConfig  # noqa: E402
 from esd.evaluate.generate import DEFAULT_GUIDANCE, generate  # noqa: E402
-from esd.models import atomic_path, grid_prompts  # noqa: E402
+from esd.models import atomic_path, describe_model, grid_prompts  # noqa: E402
+from esd.params import group_table  # noqa: E402
 
 GRID_SEEDS = (0, 1)
 
@@ -74,6 +75,15 @@ def write_loss_plot(path: Path, losses: list[float]) -> None:
     plt.close(fig)
 
 
+def trained_groups_table(pipe, trained: list[str]) -> str:
+    """Markdown table: for each UNet module group, how much of it was trained."""
+    lines = ["| module group | trained tensors | trained parameters |", "|---|---|---|"]
+    for group, n_tensors, all_tensors, n_params, all_params in group_table(pipe.unet, trained):
+        mark = "all" if n_tensors == all_tensors else ("none" if n_tensors == 0 else "part")
+        lines.append(f"| {group} | {n_tensors} of {all_tensors} ({mark}) | {n_params:,} of {all_params:,} |")
+    return "\n".join(lines)
+
+
 def model_card(cfg: EraseConfig, pipe, result) -> str:
     base = getattr(pipe, "esd_source", cfg.model)
     n_trained = sum(pipe.unet.get_parameter(n).numel() for n in result.trained)
@@ -91,6 +101,7 @@ Erased with [ESD](https://arxiv.org/abs/2303.07345) (Gandikota et al., ICCV 2023
 | setting | value |
 |---|---|
 | base model | `{base}` |
+| model family | {describe_model(pipe, cfg.image_size)}; the Eq. 5 target is applied to this native output |
 | concept(s) | {", ".join(f"`{c}`" for c in cfg.concepts)} |
 | erase from | {f"`{cfg.erase_from}`" if cfg.erase_from else "—"} |
 | method | `{cfg.method}` ({len(result.trained)} tensors, {n_trained:,} of {n_total:,} UNet parameters) |
@@ -103,6 +114,10 @@ Erased with [ESD](https://arxiv.org/abs/2303.07345) (Gandikota et al., ICCV 2023
 | final loss (mean of last 20) | {final:.5f} |
 | wall time | {result.seconds:.1f} s |
 | CompVis single file | {f"`{result.compvis.name}` (for AUTOMATIC1111/ComfyUI)" if result.compvis else "— (`--save-compvis` writes one)"} |
+
+## What was trained
+
+{trained_groups_table(pipe, result.trained)}
 
 ![before/after](grid.png)
 

@@ -58,6 +58,11 @@ def _dtype_kwargs(dtype: torch.dtype) -> dict:
     return {} if dtype == torch.float32 else {"torch_dtype": dtype}
 
 
+def _without_safety_checker(index: dict) -> dict:
+    # Only SD1.x/SD2.x pipelines have the component; passing it to SDXL makes diffusers warn.
+    return {"safety_checker": None} if "safety_checker" in index else {}
+
+
 def load_pipeline(model: str | None = None, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                   config: str | None = None):
     """Load a base pipeline (default: the shipped testbed) with a DDIM scheduler, progress bars off.
@@ -81,13 +86,15 @@ def load_pipeline(model: str | None = None, device: torch.device | str = "cpu", 
             hint = " (it looks like a single UNet folder)" if (path / "config.json").exists() else ""
             raise EsdError(f"--model {model}: not a diffusers pipeline folder, no model_index.json{hint}; "
                            "pass the pipeline's root folder or a CompVis .ckpt/.safetensors file")
-        pipe = DiffusionPipeline.from_pretrained(str(path), safety_checker=None, **_dtype_kwargs(dtype))
+        index = json.loads((path / "model_index.json").read_text())
+        pipe = DiffusionPipeline.from_pretrained(str(path), **_without_safety_checker(index), **_dtype_kwargs(dtype))
     elif path.exists():
         raise EsdError(f"--model {model}: a file of unknown type; expected a diffusers folder or "
                        f"a CompVis file ending in {', '.join(sorted(SINGLE_FILE_SUFFIXES))}")
     elif _looks_like_hub_id(model):
         try:
-            pipe = DiffusionPipeline.from_pretrained(model, safety_checker=None, **_dtype_kwargs(dtype))
+            index = DiffusionPipeline.load_config(model)  # model_index.json only
+            pipe = DiffusionPipeline.from_pretrained(model, **_without_safety_checker(index), **_dtype_kwargs(dtype))
         except OSError as err:
             raise EsdError(f"--model {model}: could not load it from the Hugging Face hub ({err}). "
                            "Offline? Download it on a connected machine and pass the local folder.") from err
@@ -102,6 +109,37 @@ def load_pipeline(model: str | None = None, device: torch.device | str = "cpu", 
 
 def is_sdxl(pipe) -> bool:
     return getattr(pipe, "text_encoder_2", None) is not None and hasattr(pipe, "_get_add_time_ids")
+
+
+FAMILY_LABELS = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
+PREDICTION_LABELS = {"epsilon": "ε-prediction", "v_prediction": "v-prediction", "sample": "x0-prediction"}
+
+
+def model_family(pipe) -> str:
+    """'sd1' | 'sd2' | 'sdxl', from the pipeline's components (the same for folders, hub ids and CompVis files).
+
+    SDXL: two text encoders and size ids. SD2.x: an OpenCLIP text tower, which diffusers runs as a
+    CLIPTextModel with plain GELU (OpenAI's CLIP, SD1.x, uses quick-GELU), 1024 wide in the real model.
+    """
+    if is_sdxl(pipe):
+        return "sdxl"
+    text = pipe.text_encoder.config
+    if getattr(text, "hidden_act", "") == "gelu" or pipe.unet.config.cross_attention_dim == 1024:
+        return "sd2"
+    return "sd1"
+
+
+def prediction_type(pipe) -> str:
+    """What the UNet outputs: 'epsilon', 'v_prediction' (SD2.x 768-v) or 'sample'; ESD trains it as it is."""
+    return str(pipe.scheduler.config.get("prediction_type", "epsilon"))
+
+
+def describe_model(pipe, image_size: int | None = None) -> str:
+    """One line for the console and the model card, e.g. 'SDXL (StableDiffusionXLPipeline), ε-prediction, 1024 px'."""
+    size = image_size or default_image_size(pipe)
+    kind = prediction_type(pipe)
+    return (f"{FAMILY_LABELS[model_family(pipe)]} ({type(pipe).__name__}), "
+            f"{PREDICTION_LABELS.get(kind, kind)}, {size} px")
 
 
 def default_image_size(pipe) -> int:
@@ -125,6 +163,10 @@ def encode_prompt(pipe, text: str, image_size: int | None = None) -> Cond:
     if is_sdxl(pipe):
         embeds, _, pooled, _ = pipe.encode_prompt(text, device=device, num_images_per_prompt=1,
                                                   do_classifier_free_guidance=False)
+        if not text and pipe.config.get("force_zeros_for_empty_prompt", False):
+            # SDXL-base's unconditional input is all zeros (its pipeline's own CFG branch and its training
+            # dropout), not the encoded "": ε*(x_t, t) must be the prediction the model samples with.
+            embeds, pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
         size = image_size or default_image_size(pipe)
         time_ids = pipe._get_add_time_ids((size, size), (0, 0), (size, size), dtype=embeds.dtype,
                                           text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
