@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 
 from esd.config import EraseConfig
-from esd.erase import draw_example, erase
+from esd.erase import Slot, draw_example, erase
 from esd.errors import NonFiniteLossError
 from esd.frozen import copied_denoiser, original_values, swapped_denoiser
 from esd.models import encode_prompt
@@ -77,8 +77,7 @@ def test_target_follows_the_paper_eta_in_both_sampling_modes(tiny_pipe, tmp_path
     trained = unet_denoiser(unet)
     scheduler = ddim_scheduler(tiny_pipe.scheduler.config, cfg.ddim_steps)
     sampler = trained if sample_from == "esd" else frozen
-    ex = draw_example(cfg, conds, sampler, frozen, scheduler, (1, 4, 8, 8), random.Random(0),
-                      torch.Generator().manual_seed(5))
+    ex = draw_example(cfg, conds, sampler, frozen, scheduler, (1, 4, 8, 8), Slot(random.Random(0), torch.Generator().manual_seed(5)))
     # recompute independently with the real frozen copy: target = e0 − η (ep − e0), η = 2
     e0, ep = reference(ex.x_t, ex.t, conds[""]), reference(ex.x_t, ex.t, conds["a red circle"])
     assert torch.allclose(ex.target, e0 - 2.0 * (ep - e0), atol=1e-5)
@@ -100,7 +99,7 @@ def test_erase_from_conditions_on_the_context(tiny_pipe, tmp_path):
     cfg = _cfg(tmp_path, concept="a red circle", erase_from="a red square", eta=1.0)
     unet, reference, frozen, conds = _setup(tiny_pipe, cfg)
     ex = draw_example(cfg, conds, unet_denoiser(unet), frozen, ddim_scheduler(tiny_pipe.scheduler.config, 4),
-                      (1, 4, 8, 8), random.Random(0), torch.Generator().manual_seed(1))
+                      (1, 4, 8, 8), Slot(random.Random(0), torch.Generator().manual_seed(1)))
     ef, e0, ep = (reference(ex.x_t, ex.t, conds[p]) for p in ("a red square", "", "a red circle"))
     assert torch.allclose(ex.target, ef - (ep - e0), atol=1e-5)
     assert ex.prompt is conds["a red square"]
@@ -111,8 +110,8 @@ def test_several_concepts_are_drawn_one_per_iteration(tiny_pipe, tmp_path):
     conds = {p: encode_prompt(tiny_pipe, p) for p in ["", *cfg.concepts]}
     eps = unet_denoiser(tiny_pipe.unet)
     scheduler = ddim_scheduler(tiny_pipe.scheduler.config, cfg.ddim_steps)
-    rng, gen = random.Random(0), torch.Generator().manual_seed(0)
-    drawn = [draw_example(cfg, conds, eps, eps, scheduler, (1, 4, 8, 8), rng, gen).concept for _ in range(12)]
+    slot = Slot.seeded(0)
+    drawn = [draw_example(cfg, conds, eps, eps, scheduler, (1, 4, 8, 8), slot).concept for _ in range(12)]
     assert set(drawn) == {"a red circle", "a blue square"}
 
 

@@ -1,4 +1,4 @@
-"""The `esd` command: erase | generate | convert | testbed.
+"""The `esd` command: erase | generate | convert | testbed | evaluate.
 
 `esd erase` flags are generated from `EraseConfig`'s fields, so names, defaults, choices and help can
 never drift from the config. User errors print one line and exit 2.
@@ -39,8 +39,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=EraseConfig) -> No
     for f in dataclasses.fields(cls):
         meta = dict(f.metadata)
         help_text = meta.pop("help", "")
-        if hints[f.name] is bool:
-            parser.add_argument(_flag(f.name), dest=f.name, action="store_true", help=help_text)
+        if hints[f.name] is bool:  # --flag / --no-flag
+            parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=f.default, help=help_text)
             continue
         parser.add_argument(_flag(f.name), dest=f.name, type=_arg_type(hints[f.name]), default=f.default,
                             help=help_text, **meta)
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--output", required=True, help="folder for {case_number}_{k}.png")
     gen.set_defaults(run=run_generate)
 
-    for module in ("esd.compvis", "esd.testbed.cli"):
+    for module in ("esd.compvis", "esd.testbed.cli", "esd.evaluate.command"):
         register = _optional_register(module)
         if register is not None:
             register(sub)

@@ -72,6 +72,16 @@ class EraseConfig:
     sample_from: Literal["esd", "frozen"] = _opt("which model samples x_t: esd (the one being trained, the "
                                                  "paper) or frozen (the 2025 code)", default="esd",
                                                  meta={"choices": ["esd", "frozen"]})
+    batch_size: int = _opt("examples (w, k, z_T) per Adam step, per process (paper: 1)", default=1)
+    precision: Literal["fp32", "bf16", "fp16"] = _opt(
+        "weights of the frozen part of the UNet: fp32, or bf16/fp16 (GPU; trained parameters and Adam state stay "
+        "fp32, forwards run under autocast)", default="fp32", meta={"choices": ["fp32", "bf16", "fp16"]})
+    trajectory_reuse: int = _opt("opt-in speed-up: sample one full DDIM trajectory and draw x_t from it for this many "
+                                 "iterations (1: a fresh partial trajectory every iteration, the paper)", default=1)
+    guidance_batch: bool = _opt("run the sampler's conditional and unconditional forwards as one batch "
+                                "(--no-guidance-batch: two forwards, the original cost)", default=True)
+    gradient_checkpointing: bool = _opt("recompute UNet activations in the backward pass to save memory",
+                                        default=False)
     image_size: int | None = _opt("image side in pixels (default: the model's own, e.g. 512 for SD1.x)",
                                   default=None)
     save_every: int = _opt("write esd.safetensors every N iterations (0: only at the end)", default=100)
@@ -107,13 +117,17 @@ class EraseConfig:
                 raise EsdError(f"--{name.replace('_', '-')} must be a finite number, got {value!r}")
         if self.lr <= 0:
             raise EsdError(f"--lr must be > 0, got {self.lr}")
-        for name, low in (("iterations", 1), ("ddim_steps", 1), ("save_every", 0), ("grid_steps", 0)):
+        for name, low in (("iterations", 1), ("ddim_steps", 1), ("save_every", 0), ("grid_steps", 0),
+                          ("batch_size", 1), ("trajectory_reuse", 1)):
             if getattr(self, name) < low:
                 raise EsdError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
         if self.image_size is not None and (self.image_size < 8 or self.image_size % 8):
             raise EsdError(f"--image-size must be a positive multiple of 8, got {self.image_size}")
-        if self.sample_from not in ("esd", "frozen"):
-            raise EsdError(f"--sample-from must be esd or frozen, got {self.sample_from!r}")
+        for name, choices in (("sample_from", ("esd", "frozen")), ("precision", ("fp32", "bf16", "fp16")),
+                              ("compvis_format", ("safetensors", "ckpt"))):
+            if getattr(self, name) not in choices:
+                raise EsdError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "
+                               f"got {getattr(self, name)!r}")
         if self.erase_from is not None and not self.erase_from.strip():
             raise EsdError("--erase-from is empty: give the context concept or leave the flag out")
         if self.devices is not None and len(self.devices.split(",")) != 2:

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import random
 import time
 from collections.abc import Callable
@@ -22,12 +24,30 @@ from tqdm.auto import tqdm
 
 from esd import __version__
 from esd.config import ETA_CONVENTION, EraseConfig
+from esd.distributed import average_gradients, barrier, device_for, example_seeds, global_mean, init_from_env
 from esd.errors import NonFiniteLossError
 from esd.frozen import copied_denoiser, original_values, swapped_denoiser
 from esd.loss import esd_loss, esd_target
-from esd.models import default_image_size, encode_prompt, load_pipeline, resolve_device, save_esd_weights
+from esd.models import (
+    default_image_size,
+    describe_model,
+    encode_prompt,
+    load_pipeline,
+    model_family,
+    prediction_type,
+    resolve_device,
+    save_esd_weights,
+)
 from esd.params import select_parameters
-from esd.sampling import Cond, Denoiser, band_timestep, ddim_scheduler, sample_until, unet_denoiser
+from esd.sampling import (
+    Cond,
+    Denoiser,
+    band_timestep,
+    ddim_scheduler,
+    sample_trajectory,
+    sample_until,
+    unet_denoiser,
+)
 
 
 @dataclass
@@ -60,6 +80,9 @@ def esd_metadata(cfg: EraseConfig, pipe, step: int, trained: list[str]) -> dict[
         "format": "esd-unet-subset",
         "esd_config": cfg.to_json(),
         "base_model": str(getattr(pipe, "esd_source", cfg.model)),
+        "model_family": model_family(pipe),
+        "prediction_type": prediction_type(pipe),
+        "image_size": str(cfg.image_size or default_image_size(pipe)),
         "method": cfg.method,
         "concepts": " | ".join(cfg.concepts),
         "eta_convention": ETA_CONVENTION,
@@ -71,22 +94,82 @@ def esd_metadata(cfg: EraseConfig, pipe, step: int, trained: list[str]) -> dict[
     }
 
 
+@dataclass
+class Slot:
+    """One stream of examples: its own random draws and, with --trajectory-reuse, its cached trajectory."""
+
+    rng: random.Random  # concept draws
+    gen: torch.Generator  # k, t and noise: a CPU generator, so a seed means the same on every device
+    concept: str = ""
+    trajectory: list[torch.Tensor] = field(default_factory=list)
+    uses_left: int = 0
+
+    @classmethod
+    def seeded(cls, seed: int) -> Slot:
+        return cls(random.Random(seed), torch.Generator().manual_seed(seed))
+
+
 @torch.no_grad()
 def draw_example(cfg: EraseConfig, conds: dict[str, Cond], sampler: Denoiser, frozen: Denoiser, scheduler,
-                 latent_shape: tuple[int, ...], rng: random.Random, gen: torch.Generator) -> Example:
+                 latent_shape: tuple[int, ...], slot: Slot) -> Example:
     """Draw w, k and z_T, sample x_t till step k, pick t in step k's band, build the Eq. 5 target."""
     null = conds[""]
-    w = rng.choice(cfg.concepts)
+    reuse = cfg.trajectory_reuse > 1 and slot.uses_left > 0
+    w = slot.concept if reuse else slot.rng.choice(cfg.concepts)
     prompt = conds[cfg.erase_from] if cfg.erase_from else conds[w]  # conditions x_t and ε_θ
-    k = int(torch.randint(cfg.ddim_steps, (1,), generator=gen))
+    k = int(torch.randint(cfg.ddim_steps, (1,), generator=slot.gen))
     device = null.embeds.device
-    z_T = torch.randn(latent_shape, generator=gen).to(device, null.embeds.dtype)
-    x_t = sample_until(sampler, scheduler, z_T, prompt, null, cfg.start_guidance, k)
-    t = torch.tensor([band_timestep(k, cfg.ddim_steps, scheduler.config.num_train_timesteps, gen)], device=device)
+    if reuse:
+        x_t = slot.trajectory[k]
+    else:
+        z_T = torch.randn(latent_shape, generator=slot.gen).to(device, null.embeds.dtype)
+        if cfg.trajectory_reuse > 1:  # one full run now, read by the next R iterations
+            slot.trajectory = sample_trajectory(sampler, scheduler, z_T, prompt, null, cfg.start_guidance,
+                                                cfg.guidance_batch)
+            slot.concept, slot.uses_left = w, cfg.trajectory_reuse
+            x_t = slot.trajectory[k]
+        else:
+            x_t = sample_until(sampler, scheduler, z_T, prompt, null, cfg.start_guidance, k, cfg.guidance_batch)
+    slot.uses_left -= 1
+    t = torch.tensor([band_timestep(k, cfg.ddim_steps, scheduler.config.num_train_timesteps, slot.gen)],
+                     device=device)
     eps_null = frozen(x_t, t, null)
     eps_concept = frozen(x_t, t, conds[w])
     eps_context = frozen(x_t, t, prompt) if cfg.erase_from else None
     return Example(w, k, x_t, t, prompt, esd_target(eps_null, eps_concept, cfg.eta, eps_context))
+
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def prepare_unet(cfg: EraseConfig, unet, device: torch.device):
+    """Select θ, build ε* (one UNet by default), cast the frozen part, move to `device`.
+
+    Returns (θ, ε_θ, ε*). The cast happens before the move, so the device never holds an fp32 copy
+    of the frozen weights in bf16/fp16 mode.
+    """
+    unet.eval()  # eval: no dropout; gradients still flow to θ
+    params = select_parameters(unet, cfg.method)
+    originals = original_values(params)  # taken before any cast
+    if cfg.precision != "fp32":  # frozen weights in half precision, θ (and so Adam's state) in fp32
+        unet.to(PRECISIONS[cfg.precision])
+        for name, p in params.items():
+            p.data = originals[name].float()
+    unet.to(device)
+    originals = {name: value.to(device) for name, value in originals.items()}
+    if cfg.devices:  # the 2023 layout: a full frozen copy, on the second device
+        frozen = copied_denoiser(unet, resolve_device(cfg.devices.split(",")[1]))
+    else:
+        frozen = swapped_denoiser(unet, originals)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    return params, unet_denoiser(unet), frozen
+
+
+def _autocast(cfg: EraseConfig, device: torch.device):
+    if cfg.precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=PRECISIONS[cfg.precision])
 
 
 def erase(cfg: EraseConfig, pipe=None, progress: bool = True,
@@ -94,65 +177,84 @@ def erase(cfg: EraseConfig, pipe=None, progress: bool = True,
     """Run ESD with `cfg` and write the outputs. `on_step(i, loss)` may return True to stop early.
 
     A given `pipe` is trained in place (its UNet ends up erased); otherwise `cfg.model` is loaded.
+    Under torchrun/`accelerate launch` each process draws its own examples and gradients are averaged.
     """
     cfg.validate()
     device = resolve_device(cfg.devices.split(",")[0] if cfg.devices else cfg.device)
-    pipe = pipe if pipe is not None else load_pipeline(cfg.model, device, config=cfg.config)
+    d = init_from_env(device.type)
+    device = device_for(d, device)
+    half = cfg.precision != "fp32"
+    # In bf16/fp16 the pipeline is cast on the CPU first: the device never holds it in fp32.
+    pipe = pipe if pipe is not None else load_pipeline(cfg.model, "cpu" if half else device, config=cfg.config)
+    params, trained, frozen = prepare_unet(cfg, pipe.unet, device)
+    for part in ("text_encoder", "text_encoder_2", "vae"):  # frozen helpers: weight dtype, on the device
+        if getattr(pipe, part, None) is not None:
+            getattr(pipe, part).to(device, PRECISIONS[cfg.precision] if half else None)
     out = Path(cfg.output or cfg.default_output())
-    unet = pipe.unet.to(device).eval()  # eval: no dropout; gradients still flow to θ
-    params = select_parameters(unet, cfg.method)  # θ; everything else frozen
-    trained_names = list(params)
-
-    # ε*: the original values of θ swapped in per call (one UNet), or a real copy on a second device.
-    if cfg.devices:
-        frozen = copied_denoiser(unet, resolve_device(cfg.devices.split(",")[1]))
-    else:
-        frozen = swapped_denoiser(unet, original_values(params))
-    trained = unet_denoiser(unet)
-    sampler = trained if cfg.sample_from == "esd" else frozen
-
+    progress = progress and d.main
     size = cfg.image_size or default_image_size(pipe)
+    if progress:  # say which adapter runs: the family decides text encoding, size ids and the output's meaning
+        tqdm.write(f"base model: {describe_model(pipe, size)}")
+    from esd.artifacts import before_images, write_outputs  # plotting/imaging only when needed
+
+    with _autocast(cfg, device):
+        before = before_images(pipe, cfg, size) if d.main else []  # θ still at its original values
+    sampler = trained if cfg.sample_from == "esd" else frozen
+    unet, trained_names = pipe.unet, list(params)
     latent_shape = (1, unet.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
     scheduler = ddim_scheduler(pipe.scheduler.config, cfg.ddim_steps)
     # Text embeddings once per prompt, not per iteration (the text encoder is frozen).
     prompts = {"", *cfg.concepts, *([cfg.erase_from] if cfg.erase_from else [])}
     conds = {p: encode_prompt(pipe, p, size) for p in prompts}
 
-    from esd.artifacts import before_images, write_outputs  # plotting/imaging only when needed
-
-    before = before_images(pipe, cfg, size)
     optimizer = torch.optim.Adam(params.values(), lr=cfg.lr)
-    rng = random.Random(cfg.seed)  # concept draws
-    gen = torch.Generator().manual_seed(cfg.seed)  # k, t and noise: CPU generator, same on every device
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")  # fp16 gradients underflow
+    slots = [Slot.seeded(s) for s in example_seeds(cfg.seed, d.rank, cfg.batch_size)]
     result = EraseResult(output=out, trained=trained_names)
     start = time.perf_counter()
 
     bar = tqdm(range(cfg.iterations), desc=f"ESD {cfg.method}", disable=not progress)
     for i in bar:
-        ex = draw_example(cfg, conds, sampler, frozen, scheduler, latent_shape, rng, gen)
-        loss = esd_loss(trained(ex.x_t, ex.t, ex.prompt), ex.target)
-        if not torch.isfinite(loss):
+        with _autocast(cfg, device):
+            batch = [draw_example(cfg, conds, sampler, frozen, scheduler, latent_shape, slot) for slot in slots]
+            prompt = functools.reduce(Cond.cat, [ex.prompt for ex in batch])
+            x_t, t = torch.cat([ex.x_t for ex in batch]), torch.cat([ex.t for ex in batch])
+            loss = esd_loss(trained(x_t, t, prompt), torch.cat([ex.target for ex in batch]))
+        shown = global_mean(loss.detach(), d.world)  # every process sees the same number, and stops together
+        if not torch.isfinite(shown):
             bar.close()
-            raise NonFiniteLossError(f"loss is {loss.item()} at iteration {i + 1}; stopped. "
+            raise NonFiniteLossError(f"loss is {shown.item()} at iteration {i + 1}; stopped. "
                                      f"{out / 'esd.safetensors'} keeps the last good checkpoint, if any. "
                                      "Try a smaller --lr or --eta.")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        result.losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.4f}", concept=ex.concept[:20])
-        if cfg.save_every and (i + 1) % cfg.save_every == 0 and i + 1 < cfg.iterations:
+        scaler.scale(loss).backward()
+        average_gradients(params.values(), d.world)
+        scaler.step(optimizer)
+        scaler.update()
+        result.losses.append(shown.item())
+        bar.set_postfix(loss=f"{shown.item():.4f}", concept=batch[0].concept[:20])
+        if d.main and cfg.save_every and (i + 1) % cfg.save_every == 0 and i + 1 < cfg.iterations:
             save_esd_weights(out / "esd.safetensors", params, esd_metadata(cfg, pipe, i + 1, trained_names))
-        if on_step is not None and on_step(i, loss.item()):
+        if on_step is not None and on_step(i, shown.item()):
             result.stopped_early = True
             break
 
     result.seconds = time.perf_counter() - start
-    steps = len(result.losses)
-    save_esd_weights(out / "esd.safetensors", params, esd_metadata(cfg, pipe, steps, trained_names))
+    if d.main:
+        with _autocast(cfg, device):
+            finish(cfg, pipe, params, result, before, size, write_outputs)
+    barrier(d)
+    return result
+
+
+def finish(cfg: EraseConfig, pipe, params, result: EraseResult, before, size: int, write_outputs) -> None:
+    """Final weights, the optional CompVis file, and the card, plot and grid beside them."""
+    out = result.output
+    save_esd_weights(out / "esd.safetensors", params, esd_metadata(cfg, pipe, len(result.losses), result.trained))
     if cfg.save_compvis:
         from esd.compvis import export_pipeline
 
+        pipe.to("cpu", torch.float32)  # exports are written from the CPU in full precision (θ is fp32 already)
+
         result.compvis = export_pipeline(pipe, out / f"compvis.{cfg.compvis_format}", base_file=cfg.model)
     write_outputs(out, cfg, pipe, result, before, size)
-    return result

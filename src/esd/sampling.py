@@ -93,3 +93,22 @@ def band_timestep(k: int, num_steps: int, num_train_timesteps: int, generator: t
     low = round(k / num_steps * num_train_timesteps)
     high = max(low + 1, round((k + 1) / num_steps * num_train_timesteps))
     return int(torch.randint(low, high, (1,), generator=generator))
+
+
+@torch.no_grad()
+def sample_trajectory(eps: Denoiser, scheduler: DDIMScheduler, z_T: Tensor, cond: Cond, uncond: Cond,
+                      guidance: float, batched: bool = True) -> list[Tensor]:
+    """All DDIM states of one full run: element k is the latent at step k's noise level (= sample_until(k)).
+
+    The opt-in `--trajectory-reuse R` draws x_t for R iterations from one such run: N−1 updates per R
+    iterations instead of (N−1)/2 on average per iteration.
+    """
+    timesteps = scheduler.timesteps
+    n = len(timesteps)
+    states = [z_T * scheduler.init_noise_sigma]  # noise level of step N−1
+    for t in timesteps[: n - 1]:
+        x = states[-1]
+        out = guided(eps, scheduler.scale_model_input(x, t), t.expand(len(x)).to(x.device), cond, uncond,
+                     guidance, batched)
+        states.append(scheduler.step(out, t, x).prev_sample)
+    return states[::-1]  # index k: after N−1−k updates

@@ -1,0 +1,164 @@
+"""Seconds per iteration and peak memory of `esd erase` under several configurations, as ratios to a
+baseline measured in the same run.
+
+    python benchmarks/erase_cost.py --size tiny|testbed|sd1-full [--iterations N] [--ddim-steps N]
+                                    [--device D] [--configs a,b,...] [--json FILE]
+
+The baseline reproduces the original cost model: two full UNets in fp32 (a frozen copy beside the
+trained one), the sampler's conditional and unconditional forwards run separately. Each configuration
+runs in its own process, so peak memory is its own: CUDA max allocated on a GPU, peak RSS on a CPU.
+Speed and memory do not depend on the weights' values, so `sd1-full` is SD1.x's UNet with random weights
+(its text encoder and VAE are small stand-ins of the right widths: they hardly cost anything per
+iteration). Iteration times exclude the first iteration (warm-up) when there are several.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CONFIGS = {  # name -> EraseConfig overrides; `devices` is filled in with the run's device twice for baseline
+    "baseline": {"devices": "SAME", "guidance_batch": False},
+    "default": {},
+    "bf16": {"precision": "bf16"},
+    "fast": {"trajectory_reuse": 8},
+    "bf16+fast": {"precision": "bf16", "trajectory_reuse": 8},
+}
+
+
+def build_pipeline(size: str):
+    """The pipeline to erase from, built in-process (nothing is downloaded)."""
+    import torch
+
+    from esd import tiny
+
+    if size == "tiny":
+        return tiny.tiny_sd_pipeline(seed=0)
+    if size == "testbed":
+        from esd.models import TESTBED, load_pipeline
+
+        if not (TESTBED / "model_index.json").exists():
+            sys.exit(f"no testbed at {TESTBED}")
+        return load_pipeline(str(TESTBED), "cpu")
+    if size == "sd1-full":
+        from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+        from esd.compvis import CONFIG_DIR
+
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(CONFIG_DIR / "sd1" / "unet"))
+        text = tiny.tiny_text_encoder(hidden_size=768)  # SD1.x's width; depth does not matter here
+        pipe = StableDiffusionPipeline(vae=tiny.tiny_vae(), text_encoder=text, tokenizer=tiny.clip_tokenizer(),
+                                       unet=unet, scheduler=tiny.tiny_scheduler(), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+    sys.exit(f"unknown --size {size}")
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Run one configuration and print one JSON line."""
+    import torch
+
+    from esd.config import EraseConfig
+    from esd.erase import erase
+    from esd.models import resolve_device
+
+    device = resolve_device(args.device)
+    overrides = dict(CONFIGS[args.worker])
+    if overrides.get("devices") == "SAME":
+        overrides["devices"] = f"{device},{device}"
+    pipe = build_pipeline(args.size)
+    stamps: list[float] = []
+
+    def tick(i: int, loss: float) -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as out:
+        cfg = EraseConfig(concept="a red circle", method=args.method, iterations=args.iterations,
+                          ddim_steps=args.ddim_steps, image_size=args.image_size, seed=0, device=str(device),
+                          grid_steps=0, save_every=0, output=out, **overrides)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        erase(cfg, pipe=pipe, progress=False, on_step=tick)
+    times = [b - a for a, b in zip([start, *stamps[:-1]], stamps, strict=True)]
+    timed = times[1:] if len(times) > 1 else times
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    print(json.dumps({"config": args.worker, "s_per_iter": sum(timed) / len(timed), "peak_bytes": peak}))
+
+
+def run_all(args: argparse.Namespace) -> list[dict]:
+    names = args.configs.split(",")
+    if "baseline" not in names:
+        names = ["baseline", *names]
+    rows = []
+    for name in names:
+        cmd = [sys.executable, __file__, "--worker", name, "--size", args.size, "--iterations", str(args.iterations),
+               "--ddim-steps", str(args.ddim_steps), "--device", args.device, "--method", args.method]
+        if args.image_size:
+            cmd += ["--image-size", str(args.image_size)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        if proc.returncode != 0:
+            print(f"{name}: failed\n{proc.stderr[-3000:]}", file=sys.stderr)
+            continue
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(f"  {name}: {rows[-1]['s_per_iter']:.3f} s/iter, {rows[-1]['peak_bytes'] / 2**30:.2f} GiB",
+              file=sys.stderr)
+    base = next(r for r in rows if r["config"] == "baseline")
+    for r in rows:
+        r["speed_ratio"] = r["s_per_iter"] / base["s_per_iter"]
+        r["memory_ratio"] = r["peak_bytes"] / base["peak_bytes"]
+    return rows
+
+
+def markdown(rows: list[dict], args: argparse.Namespace, device: str) -> str:
+    lines = [f"size `{args.size}`, method `{args.method}`, {args.iterations} iterations, DDIM steps {args.ddim_steps}, "
+             f"device {device}", "", "| config | s/iter | peak GiB | time vs baseline | memory vs baseline |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['config']} | {r['s_per_iter']:.3f} | {r['peak_bytes'] / 2**30:.2f} | "
+                     f"{r['speed_ratio']:.2f}x | {r['memory_ratio']:.2f}x |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", choices=["tiny", "testbed", "sd1-full"], default="tiny")
+    p.add_argument("--iterations", type=int, default=5)
+    p.add_argument("--ddim-steps", type=int, default=50)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--method", default="xattn")
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {', '.join(CONFIGS)}")
+    p.add_argument("--json", default=None, help="also write the rows as JSON here")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return worker(args)
+    import torch
+
+    from esd.models import resolve_device
+
+    device = resolve_device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    rows = run_all(args)
+    print(markdown(rows, args, name))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Speed and memory options: mixed precision, trajectory reuse, data-parallel processes (gloo on CPU)."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from esd.config import EraseConfig
+from esd.erase import Slot, draw_example, erase, prepare_unet
+from esd.models import encode_prompt
+from esd.sampling import ddim_scheduler, sample_trajectory, sample_until, unet_denoiser
+
+
+def _cfg(out, **kw):
+    base = dict(concept="a red circle", iterations=2, ddim_steps=4, lr=1e-3, grid_steps=0, device="cpu",
+                save_every=0, output=str(out))
+    base.update(kw)
+    return EraseConfig(**base)
+
+
+def test_bf16_keeps_trained_parameters_and_adam_state_in_fp32(tiny_pipe, tmp_path):
+    cfg = _cfg(tmp_path, precision="bf16")
+    params, trained, frozen = prepare_unet(cfg, tiny_pipe.unet, torch.device("cpu"))
+    assert all(p.dtype == torch.float32 for p in params.values())
+    frozen_dtypes = {p.dtype for n, p in tiny_pipe.unet.named_parameters() if n not in params}
+    assert frozen_dtypes == {torch.bfloat16}
+    # a real run in bf16 on CPU: θ and Adam's moments stay fp32, the loss is finite
+    from esd.tiny import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline(seed=0)
+    seen = {}
+
+    def spy(i, loss):
+        seen["dtypes"] = {p.dtype for n, p in pipe.unet.named_parameters() if p.requires_grad}
+        seen["frozen"] = {p.dtype for n, p in pipe.unet.named_parameters() if not p.requires_grad}
+
+    result = erase(cfg, pipe=pipe, progress=False, on_step=spy)
+    assert seen == {"dtypes": {torch.float32}, "frozen": {torch.bfloat16}}
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_trajectory_states_are_the_partial_samples(tiny_pipe):
+    cond, null = encode_prompt(tiny_pipe, "a red circle"), encode_prompt(tiny_pipe, "")
+    scheduler = ddim_scheduler(tiny_pipe.scheduler.config, 6)
+    eps = unet_denoiser(tiny_pipe.unet)
+    z_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    states = sample_trajectory(eps, scheduler, z_T, cond, null, 3.0)
+    assert len(states) == 6
+    for k in range(6):  # the state handed out for step k has step k's noise level: the same DDIM state
+        assert torch.allclose(states[k], sample_until(eps, scheduler, z_T, cond, null, 3.0, k), atol=1e-5)
+
+
+def test_trajectory_reuse_draws_r_examples_from_one_run(tiny_pipe, tmp_path):
+    cfg = _cfg(tmp_path, trajectory_reuse=3, ddim_steps=5)
+    conds = {p: encode_prompt(tiny_pipe, p) for p in ["", "a red circle"]}
+    eps = unet_denoiser(tiny_pipe.unet)
+    scheduler = ddim_scheduler(tiny_pipe.scheduler.config, 5)
+    slot = Slot.seeded(0)
+    examples = [draw_example(cfg, conds, eps, eps, scheduler, (1, 4, 8, 8), slot) for _ in range(4)]
+    # examples 0-2 come from one trajectory: each x_t is that run's state at its own k
+    z_T = torch.randn((1, 4, 8, 8), generator=_after_one_randint(0, 5))
+    run = sample_trajectory(eps, scheduler, z_T, conds["a red circle"], conds[""], cfg.start_guidance)
+    for ex in examples[:3]:
+        assert torch.allclose(ex.x_t, run[ex.k], atol=1e-5)
+    assert not torch.allclose(examples[3].x_t, run[examples[3].k], atol=1e-3)  # the 4th starts a new run
+
+
+def _after_one_randint(seed, n):
+    gen = torch.Generator().manual_seed(seed)
+    torch.randint(n, (1,), generator=gen)
+    return gen
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out: str, result_path: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from esd.tiny import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline(seed=0)
+    result = erase(_cfg(out, iterations=2, batch_size=1), pipe=pipe, progress=False)
+    torch.save({"params": {n: p.detach() for n, p in pipe.unet.named_parameters() if p.requires_grad},
+                "losses": result.losses}, f"{result_path}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.timeout(600)
+def test_two_gloo_processes_equal_one_process_with_the_combined_batch(tmp_path):
+    from esd.tiny import tiny_sd_pipeline
+
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "ddp"), str(tmp_path / "res")), nprocs=2, join=True)
+    ranks = [torch.load(f"{tmp_path / 'res'}.{r}", weights_only=True) for r in range(2)]
+    pipe = tiny_sd_pipeline(seed=0)
+    single = erase(_cfg(tmp_path / "one", iterations=2, batch_size=2), pipe=pipe, progress=False)
+    assert ranks[0]["losses"] == ranks[1]["losses"]  # every process reports the global mean
+    assert ranks[0]["losses"] == pytest.approx(single.losses, rel=1e-4)
+    for name, value in ranks[0]["params"].items():
+        assert torch.equal(value, ranks[1]["params"][name])  # θ stays identical on every process
+        assert torch.allclose(value, pipe.unet.get_parameter(name).detach(), atol=1e-6), name
+    assert (tmp_path / "ddp" / "esd.safetensors").exists()  # rank 0 wrote the outputs
