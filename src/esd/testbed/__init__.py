@@ -1,0 +1,14 @@
+"""The testbed: a small Stable Diffusion pipeline trained on coloured shapes, and the tools to judge it.
+
+It exists so that erasing, converting and evaluating run offline in minutes, and so that erasure efficacy
+("is the circle gone?") and specificity ("are squares still squares?") are measured numbers (DESIGN.md §5).
+Modules: `render` (the data), `train` (the pipeline), `classifier` (labels generated images), `evaluate`
+(prompts x seeds -> metrics.json) and `cli` (`esd testbed train|eval`).
+"""
+
+from esd.models import TESTBED as DEFAULT_TESTBED  # models/testbed/ at the repository's root
+from esd.testbed.render import COLOURS, SHAPES
+
+CONCEPTS = SHAPES + COLOURS
+
+__all__ = ["COLOURS", "CONCEPTS", "DEFAULT_TESTBED", "SHAPES"]

@@ -1,0 +1,101 @@
+"""`esd testbed train|eval`: retrain the shapes testbed from a seed, or measure a (possibly erased) model on it."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from esd.testbed import DEFAULT_TESTBED, SHAPES
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `testbed` with its sub-commands `train` and `eval` to the `esd` command."""
+    parser = subparsers.add_parser(
+        "testbed",
+        help="train or evaluate the small shapes-and-colours testbed model",
+        description="The testbed: a small Stable Diffusion pipeline drawing coloured shapes, shipped in models/testbed/.",
+    )
+    sub = parser.add_subparsers(dest="testbed_command", required=True, metavar="{train,eval}")
+
+    train = sub.add_parser("train", help="train the testbed pipeline (+ classifier, metrics, model card) from a seed")
+    train.add_argument("--seed", type=int, default=0, help="seed of the data, the initial weights and every batch")
+    train.add_argument("--minutes", type=float, default=60.0, help="time budget, counted across resumed runs")
+    train.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    train.add_argument(
+        "--output", type=Path, default=Path("outputs/testbed"), help="folder for the pipeline and checkpoints"
+    )
+    train.add_argument(
+        "--max-steps", type=int, default=None, help="stop after this many diffusion steps (exact reproduction)"
+    )
+    train.add_argument(
+        "--vae-steps",
+        type=int,
+        default=None,
+        help="autoencoder steps (default 2000, or less if the time budget runs short)",
+    )
+    train.add_argument("--batch-size", type=int, default=None, help="diffusion batch size (default 256)")
+    train.add_argument("--no-resume", action="store_true", help="start afresh even if <output>/checkpoint exists")
+
+    ev = sub.add_parser("eval", help="generate every 'a {colour} {shape}' prompt and classify the images")
+    ev.add_argument(
+        "--model",
+        default=str(DEFAULT_TESTBED),
+        help="diffusers folder of the base model (default: the shipped testbed)",
+    )
+    ev.add_argument(
+        "--weights",
+        type=Path,
+        default=None,
+        help="safetensors file of UNet parameters (diffusers names) to load over the model",
+    )
+    ev.add_argument("--erased", default=None, help="the erased concept: a shape or colour word, e.g. circle")
+    ev.add_argument("--output", type=Path, required=True, help="folder for metrics.json and grid.png")
+    ev.add_argument("--seeds", type=int, default=16, help="seeds per prompt")
+    ev.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    ev.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    ev.add_argument("--device", default="auto", help="torch device, e.g. cpu or cuda")
+    ev.add_argument("--classifier", type=Path, default=None, help="classifier folder (default: <model>/classifier)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `esd testbed train` or `esd testbed eval`; returns the exit code."""
+    if args.testbed_command == "train":
+        from esd.testbed.train import TrainConfig, train_testbed
+
+        cfg = TrainConfig()
+        if args.batch_size is not None:
+            cfg.batch_size = args.batch_size
+        if args.vae_steps is not None:
+            cfg.vae_steps = args.vae_steps
+        out = train_testbed(
+            args.output,
+            seed=args.seed,
+            minutes=args.minutes,
+            device=args.device,
+            max_steps=args.max_steps,
+            resume=not args.no_resume,
+            config=cfg,
+        )
+        print(f"testbed written to {out}")
+        return 0
+    from esd.models import apply_esd_weights, load_pipeline, resolve_device
+    from esd.testbed.evaluate import evaluate_testbed
+
+    pipe = load_pipeline(args.model, resolve_device(args.device))
+    if args.weights is not None:
+        apply_esd_weights(pipe.unet, args.weights)
+    m = evaluate_testbed(
+        pipe,
+        args.output,
+        erased=args.erased,
+        seeds_per_prompt=args.seeds,
+        steps=args.steps,
+        guidance=args.guidance,
+        classifier_path=args.classifier,
+    )
+    line = f"shape accuracy {m['shape_accuracy']:.3f}, colour accuracy {m['colour_accuracy']:.3f}"
+    if m["erased"] is not None:
+        line += f"; erased '{m['erased']}' still shown {m['erased_rate']:.3f}, other {'shapes' if m['erased'] in SHAPES else 'colours'} {m['others_mean_accuracy']:.3f}"
+    print(f"{line} -> {Path(args.output) / 'metrics.json'}")
+    return 0
