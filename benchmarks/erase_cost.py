@@ -50,7 +50,7 @@ def build_pipeline(size: str):
     if size == "sd1-full":
         from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-        from esd.compvis import CONFIG_DIR
+        from esd.compvis import CONFIGS as CONFIG_DIR
 
         torch.manual_seed(0)
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(CONFIG_DIR / "sd1" / "unet"))
@@ -71,6 +71,8 @@ def worker(args: argparse.Namespace) -> None:
     from esd.erase import erase
     from esd.models import resolve_device
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     overrides = dict(CONFIGS[args.worker])
     if overrides.get("devices") == "SAME":
@@ -91,18 +93,20 @@ def worker(args: argparse.Namespace) -> None:
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         erase(cfg, pipe=pipe, progress=False, on_step=tick)
+        total = time.perf_counter() - start
     times = [b - a for a, b in zip([start, *stamps[:-1]], stamps, strict=True)]
     timed = times[1:] if len(times) > 1 else times
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated()
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    print(json.dumps({"config": args.worker, "s_per_iter": sum(timed) / len(timed), "peak_bytes": peak}))
+    print(json.dumps({"config": args.worker, "s_per_iter": sum(timed) / len(timed), "peak_bytes": peak,
+                      "iterations": args.iterations, "total_s": total}))
 
 
 def run_all(args: argparse.Namespace) -> list[dict]:
     names = args.configs.split(",")
-    if "baseline" not in names:
+    if "baseline" not in names and not args.no_baseline:
         names = ["baseline", *names]
     rows = []
     for name in names:
@@ -110,6 +114,8 @@ def run_all(args: argparse.Namespace) -> list[dict]:
                "--ddim-steps", str(args.ddim_steps), "--device", args.device, "--method", args.method]
         if args.image_size:
             cmd += ["--image-size", str(args.image_size)]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
         if proc.returncode != 0:
             print(f"{name}: failed\n{proc.stderr[-3000:]}", file=sys.stderr)
@@ -117,10 +123,10 @@ def run_all(args: argparse.Namespace) -> list[dict]:
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(f"  {name}: {rows[-1]['s_per_iter']:.3f} s/iter, {rows[-1]['peak_bytes'] / 2**30:.2f} GiB",
               file=sys.stderr)
-    base = next(r for r in rows if r["config"] == "baseline")
+    base = next((r for r in rows if r["config"] == "baseline"), None)
     for r in rows:
-        r["speed_ratio"] = r["s_per_iter"] / base["s_per_iter"]
-        r["memory_ratio"] = r["peak_bytes"] / base["peak_bytes"]
+        r["speed_ratio"] = r["s_per_iter"] / base["s_per_iter"] if base else None
+        r["memory_ratio"] = r["peak_bytes"] / base["peak_bytes"] if base else None
     return rows
 
 
@@ -129,8 +135,9 @@ def markdown(rows: list[dict], args: argparse.Namespace, device: str) -> str:
              f"device {device}", "", "| config | s/iter | peak GiB | time vs baseline | memory vs baseline |",
              "|---|---|---|---|---|"]
     for r in rows:
+        ratios = [f"{r[k]:.2f}x" if r[k] is not None else "—" for k in ("speed_ratio", "memory_ratio")]
         lines.append(f"| {r['config']} | {r['s_per_iter']:.3f} | {r['peak_bytes'] / 2**30:.2f} | "
-                     f"{r['speed_ratio']:.2f}x | {r['memory_ratio']:.2f}x |")
+                     f"{ratios[0]} | {ratios[1]} |")
     return "\n".join(lines)
 
 
@@ -144,6 +151,9 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {', '.join(CONFIGS)}")
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per run (torch's default otherwise; on a busy machine 1 avoids oversubscription)")
+    p.add_argument("--no-baseline", action="store_true", help="time only --configs (no ratios)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:

@@ -145,3 +145,19 @@ def test_config_round_trips_through_json():
     cfg = EraseConfig(concept="Van Gogh", method="esd-x", lr=2e-5, grid_prompts=["a dog"])
     assert EraseConfig.from_json(cfg.to_json()) == cfg
     assert json.loads(cfg.to_json())["method"] == "xattn"
+
+
+def test_model_folder_recommendations_fill_only_the_flags_not_given(tiny_pipe_dir, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_pipe_dir, model)
+    (model / "esd.json").write_text(json.dumps({"erase_defaults": {"iterations": 3, "lr": 0.5, "eta": 2.0},
+                                                "grid_prompts": ["a blue square"]}))
+    out = tmp_path / "out"
+    assert main(["erase", "--concept", "a red circle", "--model", str(model), "--lr", "1e-5", "--ddim-steps", "2",
+                 "--grid-steps", "1", "--device", "cpu", "--output", str(out)]) == 0
+    with safe_open(str(out / "esd.safetensors"), "pt") as f:
+        cfg = EraseConfig.from_json(f.metadata()["esd_config"])
+    assert (cfg.iterations, cfg.lr, cfg.eta) == (3, 1e-5, 2.0)  # --lr given: kept; the others recommended
+    assert "iterations=3, eta=2.0" in (out / "README.md").read_text()

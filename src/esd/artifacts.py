@@ -111,6 +111,7 @@ Erased with [ESD](https://arxiv.org/abs/2303.07345) (Gandikota et al., ICCV 2023
 | learning rate | {cfg.lr} (Adam) |
 | DDIM steps N | {cfg.ddim_steps}; x_t sampled by the {"model being trained (paper)" if cfg.sample_from == "esd" else "frozen model (2025 code)"} |
 | seed | {cfg.seed} |
+| from the model's esd.json | {", ".join(f"{k}={v}" for k, v in result.model_defaults.items()) or "—"} (recommended settings for flags not given) |
 | final loss (mean of last 20) | {final:.5f} |
 | wall time | {result.seconds:.1f} s |
 | CompVis single file | {f"`{result.compvis.name}` (for AUTOMATIC1111/ComfyUI)" if result.compvis else "— (`--save-compvis` writes one)"} |

@@ -33,18 +33,31 @@ def _arg_type(kind) -> type:
     return kind
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls=EraseConfig) -> None:
-    """One flag per dataclass field: type from the annotation, help/choices/nargs from the metadata."""
+def add_config_arguments(parser: argparse.ArgumentParser, cls=EraseConfig, suppress: bool = False) -> None:
+    """One flag per dataclass field: type from the annotation, help/choices/nargs from the metadata.
+
+    With `suppress`, unset flags are left out of the namespace: that tells which ones the user gave.
+    """
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         meta = dict(f.metadata)
         help_text = meta.pop("help", "")
+        default = argparse.SUPPRESS if suppress else f.default
+        if suppress:
+            meta.pop("required", None)
         if hints[f.name] is bool:  # --flag / --no-flag
             parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=f.default, help=help_text)
+                                default=default, help=help_text)
             continue
-        parser.add_argument(_flag(f.name), dest=f.name, type=_arg_type(hints[f.name]), default=f.default,
+        parser.add_argument(_flag(f.name), dest=f.name, type=_arg_type(hints[f.name]), default=default,
                             help=help_text, **meta)
+
+
+def explicit_fields(argv: list[str], cls=EraseConfig) -> set[str]:
+    """The config fields set on the command line `argv` (the sub-command's own arguments)."""
+    probe = argparse.ArgumentParser(add_help=False)
+    add_config_arguments(probe, cls, suppress=True)
+    return set(vars(probe.parse_known_args(argv)[0]))
 
 
 def config_from_args(args: argparse.Namespace, cls=EraseConfig):
@@ -80,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--output", required=True, help="folder for {case_number}_{k}.png")
     gen.set_defaults(run=run_generate)
 
-    for module in ("esd.compvis", "esd.testbed.cli", "esd.evaluate.command"):
+    for module in ("esd.compvis", "esd.testbed.cli", "esd.evaluate.command", "esd.app"):
         register = _optional_register(module)
         if register is not None:
             register(sub)
@@ -103,7 +116,8 @@ def run_erase(args: argparse.Namespace) -> int:
     from esd.erase import erase
 
     cfg = config_from_args(args).validate()
-    result = erase(cfg)
+    result = erase(cfg, explicit=explicit_fields(args.argv))
+    cfg = result.config
     steps = len(result.losses)
     print(f"erased {cfg.concepts} with {cfg.method}: {steps} iterations in {result.seconds:.1f} s, "
           f"final loss {result.losses[-1]:.5f}; wrote {result.output}/esd.safetensors, README.md, loss.png"
@@ -128,7 +142,9 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    args.argv = argv[1:]  # the sub-command's own arguments
     try:
         return args.run(args)
     except EsdError as err:

@@ -134,6 +134,15 @@ class EraseConfig:
             raise EsdError(f"--devices takes two devices like '0,1', got {self.devices!r}")
         return self
 
+    def with_defaults(self, defaults: dict, explicit: set[str]) -> tuple[EraseConfig, dict]:
+        """Apply a model's recommended settings to the fields the user did not set; returns (config, applied)."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(defaults) - known)
+        if unknown:
+            raise EsdError(f"the model's esd.json recommends unknown settings {unknown}")
+        applied = {k: v for k, v in defaults.items() if k not in explicit and getattr(self, k) != v}
+        return dataclasses.replace(self, **applied), applied
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 

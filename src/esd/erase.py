@@ -34,6 +34,7 @@ from esd.models import (
     encode_prompt,
     load_pipeline,
     model_family,
+    model_notes,
     prediction_type,
     resolve_device,
     save_esd_weights,
@@ -70,6 +71,8 @@ class EraseResult:
     seconds: float = 0.0
     stopped_early: bool = False
     compvis: Path | None = None  # the CompVis single file, with --save-compvis
+    config: EraseConfig | None = None  # as run, after the model's recommended settings
+    model_defaults: dict = field(default_factory=dict)  # which settings came from the model's esd.json
 
 
 def esd_metadata(cfg: EraseConfig, pipe, step: int, trained: list[str]) -> dict[str, str]:
@@ -156,7 +159,8 @@ def prepare_unet(cfg: EraseConfig, unet, device: torch.device):
         for name, p in params.items():
             p.data = originals[name].float()
     unet.to(device)
-    originals = {name: value.to(device) for name, value in originals.items()}
+    # ε* runs entirely in the frozen dtype: its copy of θ's original values is kept in that dtype too.
+    originals = {name: value.to(device, PRECISIONS[cfg.precision]) for name, value in originals.items()}
     if cfg.devices:  # the 2023 layout: a full frozen copy, on the second device
         frozen = copied_denoiser(unet, resolve_device(cfg.devices.split(",")[1]))
     else:
@@ -173,10 +177,13 @@ def _autocast(cfg: EraseConfig, device: torch.device):
 
 
 def erase(cfg: EraseConfig, pipe=None, progress: bool = True,
-          on_step: Callable[[int, float], bool | None] | None = None) -> EraseResult:
+          on_step: Callable[[int, float], bool | None] | None = None,
+          explicit: set[str] | None = None) -> EraseResult:
     """Run ESD with `cfg` and write the outputs. `on_step(i, loss)` may return True to stop early.
 
     A given `pipe` is trained in place (its UNet ends up erased); otherwise `cfg.model` is loaded.
+    With `explicit` (the fields the user set, as the CLI passes), settings the model folder recommends
+    in its esd.json fill in the others, and the model card says so.
     Under torchrun/`accelerate launch` each process draws its own examples and gradients are averaged.
     """
     cfg.validate()
@@ -186,6 +193,13 @@ def erase(cfg: EraseConfig, pipe=None, progress: bool = True,
     half = cfg.precision != "fp32"
     # In bf16/fp16 the pipeline is cast on the CPU first: the device never holds it in fp32.
     pipe = pipe if pipe is not None else load_pipeline(cfg.model, "cpu" if half else device, config=cfg.config)
+    applied = {}
+    if explicit is not None:
+        cfg, applied = cfg.with_defaults(model_notes(pipe).get("erase_defaults", {}), explicit)
+        cfg.validate()
+        if applied and progress and d.main:
+            tqdm.write("settings recommended by the model folder's esd.json (override with flags): "
+                       + ", ".join(f"{k}={v}" for k, v in applied.items()))
     params, trained, frozen = prepare_unet(cfg, pipe.unet, device)
     for part in ("text_encoder", "text_encoder_2", "vae"):  # frozen helpers: weight dtype, on the device
         if getattr(pipe, part, None) is not None:
@@ -210,7 +224,7 @@ def erase(cfg: EraseConfig, pipe=None, progress: bool = True,
     optimizer = torch.optim.Adam(params.values(), lr=cfg.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")  # fp16 gradients underflow
     slots = [Slot.seeded(s) for s in example_seeds(cfg.seed, d.rank, cfg.batch_size)]
-    result = EraseResult(output=out, trained=trained_names)
+    result = EraseResult(output=out, trained=trained_names, config=cfg, model_defaults=applied)
     start = time.perf_counter()
 
     bar = tqdm(range(cfg.iterations), desc=f"ESD {cfg.method}", disable=not progress)

@@ -147,13 +147,21 @@ def default_image_size(pipe) -> int:
     return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
 
 
-def grid_prompts(pipe) -> list[str]:
-    """Unrelated prompts for before/after grids; a model folder may ship its own in esd_prompts.json."""
+def model_notes(pipe) -> dict:
+    """A model folder may ship `esd.json`: {"grid_prompts": [...], "erase_defaults": {field: value}}."""
     source = Path(getattr(pipe, "esd_source", "") or "")
-    spec = source / "esd_prompts.json" if source.is_dir() else None
-    if spec is not None and spec.exists():
-        return list(json.loads(spec.read_text())["grid"])
-    return list(GENERIC_GRID_PROMPTS)
+    spec = source / "esd.json" if source.is_dir() else None
+    if spec is None or not spec.exists():
+        return {}
+    try:
+        return json.loads(spec.read_text())
+    except json.JSONDecodeError as err:
+        raise EsdError(f"{spec}: not valid JSON ({err})") from err
+
+
+def grid_prompts(pipe) -> list[str]:
+    """Unrelated prompts for before/after grids: the model folder's own, or generic ones."""
+    return list(model_notes(pipe).get("grid_prompts", GENERIC_GRID_PROMPTS))
 
 
 @torch.no_grad()
