@@ -600,12 +600,20 @@ def save_compvis(state_dict: dict[str, Tensor], path: str | Path, base: dict[str
     return path
 
 
-def export_pipeline(pipe, dst: str | Path, base_file: str | Path | None = None) -> Path:
-    """Write `pipe` as one CompVis file; a CompVis `base_file` contributes every tensor but the UNet."""
+def export_pipeline(pipe, dst: str | Path, base_file: str | Path | None = None,
+                    dtype: torch.dtype | None = None) -> Path:
+    """Write `pipe` as one CompVis file; a CompVis `base_file` contributes every tensor but the UNet.
+
+    `dtype` casts every floating tensor (a model trained with half-precision frozen weights is written in
+    one precision); with a base file, the base's own dtypes win.
+    """
     base = None
     if base_file is not None and Path(base_file).is_file():
         base = read_checkpoint(base_file)
-    return save_compvis(diffusers_to_compvis(pipe), dst, base=base)
+    state = diffusers_to_compvis(pipe)
+    if dtype is not None:
+        state = {k: v.to("cpu", dtype) if v.is_floating_point() else v for k, v in state.items()}
+    return save_compvis(state, dst, base=base)
 
 
 def _unshare(tensors: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -24,7 +24,15 @@ from tqdm.auto import tqdm
 
 from esd import __version__
 from esd.config import ETA_CONVENTION, EraseConfig
-from esd.distributed import average_gradients, barrier, device_for, example_seeds, global_mean, init_from_env
+from esd.distributed import (
+    Dist,
+    average_gradients,
+    barrier,
+    device_for,
+    example_seeds,
+    global_mean,
+    init_from_env,
+)
 from esd.errors import NonFiniteLossError
 from esd.frozen import copied_denoiser, original_values, swapped_denoiser
 from esd.loss import esd_loss, esd_target
@@ -176,6 +184,62 @@ def _autocast(cfg: EraseConfig, device: torch.device):
     return torch.autocast(device.type, dtype=PRECISIONS[cfg.precision])
 
 
+@dataclass
+class Setup:
+    """Everything the loop needs, prepared once: models, device, scheduler, text conditioning."""
+
+    cfg: EraseConfig  # after the model's recommended settings
+    pipe: object
+    device: torch.device
+    dist: Dist
+    params: dict[str, torch.nn.Parameter]  # θ
+    trained: Denoiser  # ε_θ
+    frozen: Denoiser  # ε*
+    scheduler: object
+    conds: dict[str, Cond]  # text conditioning, once per prompt (the text encoder is frozen)
+    size: int  # image side in pixels
+    applied: dict  # settings taken from the model folder's esd.json
+
+    @property
+    def sampler(self) -> Denoiser:
+        return self.trained if self.cfg.sample_from == "esd" else self.frozen
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        side = self.size // self.pipe.vae_scale_factor
+        return (1, self.pipe.unet.config.in_channels, side, side)
+
+
+def setup(cfg: EraseConfig, pipe, explicit: set[str] | None, progress: bool) -> Setup:
+    """Load (or take) the pipeline, apply the model's recommendations, select θ, place and cast the models."""
+    cfg.validate()
+    device = resolve_device(cfg.devices.split(",")[0] if cfg.devices else cfg.device)
+    d = init_from_env(device.type)
+    device = device_for(d, device)
+    progress = progress and d.main  # one process speaks
+    half = cfg.precision != "fp32"
+    # In bf16/fp16 the pipeline is cast on the CPU first: the device never holds it in fp32.
+    pipe = pipe if pipe is not None else load_pipeline(cfg.model, "cpu" if half else device, config=cfg.config)
+    applied = {}
+    if explicit is not None:
+        cfg, applied = cfg.with_defaults(model_notes(pipe).get("erase_defaults", {}), explicit)
+        cfg.validate()
+        if applied and progress:
+            tqdm.write("settings recommended by the model folder's esd.json (override with flags): "
+                       + ", ".join(f"{k}={v}" for k, v in applied.items()))
+    params, trained, frozen = prepare_unet(cfg, pipe.unet, device)
+    for part in ("text_encoder", "text_encoder_2", "vae"):  # frozen helpers: weight dtype, on the device
+        if getattr(pipe, part, None) is not None:
+            getattr(pipe, part).to(device, PRECISIONS[cfg.precision] if half else None)
+    size = cfg.image_size or default_image_size(pipe)
+    if progress:  # say which adapter runs: the family decides text encoding, size ids and the output's meaning
+        tqdm.write(f"base model: {describe_model(pipe, size)}")
+    prompts = {"", *cfg.concepts, *([cfg.erase_from] if cfg.erase_from else [])}
+    conds = {p: encode_prompt(pipe, p, size) for p in prompts}
+    scheduler = ddim_scheduler(pipe.scheduler.config, cfg.ddim_steps)
+    return Setup(cfg, pipe, device, d, params, trained, frozen, scheduler, conds, size, applied)
+
+
 def erase(cfg: EraseConfig, pipe=None, progress: bool = True,
           on_step: Callable[[int, float], bool | None] | None = None,
           explicit: set[str] | None = None) -> EraseResult:
@@ -186,54 +250,28 @@ def erase(cfg: EraseConfig, pipe=None, progress: bool = True,
     in its esd.json fill in the others, and the model card says so.
     Under torchrun/`accelerate launch` each process draws its own examples and gradients are averaged.
     """
-    cfg.validate()
-    device = resolve_device(cfg.devices.split(",")[0] if cfg.devices else cfg.device)
-    d = init_from_env(device.type)
-    device = device_for(d, device)
-    half = cfg.precision != "fp32"
-    # In bf16/fp16 the pipeline is cast on the CPU first: the device never holds it in fp32.
-    pipe = pipe if pipe is not None else load_pipeline(cfg.model, "cpu" if half else device, config=cfg.config)
-    applied = {}
-    if explicit is not None:
-        cfg, applied = cfg.with_defaults(model_notes(pipe).get("erase_defaults", {}), explicit)
-        cfg.validate()
-        if applied and progress and d.main:
-            tqdm.write("settings recommended by the model folder's esd.json (override with flags): "
-                       + ", ".join(f"{k}={v}" for k, v in applied.items()))
-    params, trained, frozen = prepare_unet(cfg, pipe.unet, device)
-    for part in ("text_encoder", "text_encoder_2", "vae"):  # frozen helpers: weight dtype, on the device
-        if getattr(pipe, part, None) is not None:
-            getattr(pipe, part).to(device, PRECISIONS[cfg.precision] if half else None)
-    out = Path(cfg.output or cfg.default_output())
-    progress = progress and d.main
-    size = cfg.image_size or default_image_size(pipe)
-    if progress:  # say which adapter runs: the family decides text encoding, size ids and the output's meaning
-        tqdm.write(f"base model: {describe_model(pipe, size)}")
     from esd.artifacts import before_images, write_outputs  # plotting/imaging only when needed
 
+    s = setup(cfg, pipe, explicit, progress)
+    cfg, pipe, device, d, params = s.cfg, s.pipe, s.device, s.dist, s.params
+    progress = progress and d.main
+    out = Path(cfg.output or cfg.default_output())
     with _autocast(cfg, device):
-        before = before_images(pipe, cfg, size) if d.main else []  # θ still at its original values
-    sampler = trained if cfg.sample_from == "esd" else frozen
-    unet, trained_names = pipe.unet, list(params)
-    latent_shape = (1, unet.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
-    scheduler = ddim_scheduler(pipe.scheduler.config, cfg.ddim_steps)
-    # Text embeddings once per prompt, not per iteration (the text encoder is frozen).
-    prompts = {"", *cfg.concepts, *([cfg.erase_from] if cfg.erase_from else [])}
-    conds = {p: encode_prompt(pipe, p, size) for p in prompts}
+        before = before_images(pipe, cfg, s.size) if d.main else []  # θ still at its original values
 
     optimizer = torch.optim.Adam(params.values(), lr=cfg.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")  # fp16 gradients underflow
-    slots = [Slot.seeded(s) for s in example_seeds(cfg.seed, d.rank, cfg.batch_size)]
-    result = EraseResult(output=out, trained=trained_names, config=cfg, model_defaults=applied)
+    slots = [Slot.seeded(seed) for seed in example_seeds(cfg.seed, d.rank, cfg.batch_size)]
+    result = EraseResult(output=out, trained=list(params), config=cfg, model_defaults=s.applied)
     start = time.perf_counter()
-
     bar = tqdm(range(cfg.iterations), desc=f"ESD {cfg.method}", disable=not progress)
     for i in bar:
         with _autocast(cfg, device):
-            batch = [draw_example(cfg, conds, sampler, frozen, scheduler, latent_shape, slot) for slot in slots]
+            batch = [draw_example(cfg, s.conds, s.sampler, s.frozen, s.scheduler, s.latent_shape, slot)
+                     for slot in slots]
             prompt = functools.reduce(Cond.cat, [ex.prompt for ex in batch])
             x_t, t = torch.cat([ex.x_t for ex in batch]), torch.cat([ex.t for ex in batch])
-            loss = esd_loss(trained(x_t, t, prompt), torch.cat([ex.target for ex in batch]))
+            loss = esd_loss(s.trained(x_t, t, prompt), torch.cat([ex.target for ex in batch]))
         shown = global_mean(loss.detach(), d.world)  # every process sees the same number, and stops together
         if not torch.isfinite(shown):
             bar.close()
@@ -248,7 +286,7 @@ def erase(cfg: EraseConfig, pipe=None, progress: bool = True,
         result.losses.append(shown.item())
         bar.set_postfix(loss=f"{shown.item():.4f}", concept=batch[0].concept[:20])
         if d.main and cfg.save_every and (i + 1) % cfg.save_every == 0 and i + 1 < cfg.iterations:
-            save_esd_weights(out / "esd.safetensors", params, esd_metadata(cfg, pipe, i + 1, trained_names))
+            save_esd_weights(out / "esd.safetensors", params, esd_metadata(cfg, pipe, i + 1, result.trained))
         if on_step is not None and on_step(i, shown.item()):
             result.stopped_early = True
             break
@@ -256,7 +294,7 @@ def erase(cfg: EraseConfig, pipe=None, progress: bool = True,
     result.seconds = time.perf_counter() - start
     if d.main:
         with _autocast(cfg, device):
-            finish(cfg, pipe, params, result, before, size, write_outputs)
+            finish(cfg, pipe, params, result, before, s.size, write_outputs)
     barrier(d)
     return result
 
@@ -268,7 +306,7 @@ def finish(cfg: EraseConfig, pipe, params, result: EraseResult, before, size: in
     if cfg.save_compvis:
         from esd.compvis import export_pipeline
 
-        pipe.to("cpu", torch.float32)  # exports are written from the CPU in full precision (θ is fp32 already)
-
-        result.compvis = export_pipeline(pipe, out / f"compvis.{cfg.compvis_format}", base_file=cfg.model)
+        dtype = torch.float32 if cfg.precision != "fp32" else None  # one precision in the file (θ is fp32)
+        result.compvis = export_pipeline(pipe, out / f"compvis.{cfg.compvis_format}", base_file=cfg.model,
+                                         dtype=dtype)
     write_outputs(out, cfg, pipe, result, before, size)
