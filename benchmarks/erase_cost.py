@@ -25,8 +25,9 @@ import time
 from pathlib import Path
 
 CONFIGS = {  # name -> EraseConfig overrides; `devices` is filled in with the run's device twice for baseline
-    "baseline": {"devices": "SAME", "guidance_batch": False},
+    "baseline": {"devices": "SAME", "guidance_batch": False, "gradient_checkpointing": False},
     "default": {},
+    "no-checkpointing": {"gradient_checkpointing": False},
     "bf16": {"precision": "bf16"},
     "fast": {"trajectory_reuse": 8},
     "bf16+fast": {"precision": "bf16", "trajectory_reuse": 8},

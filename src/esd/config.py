@@ -80,8 +80,9 @@ class EraseConfig:
                                  "iterations (1: a fresh partial trajectory every iteration, the paper)", default=1)
     guidance_batch: bool = _opt("run the sampler's conditional and unconditional forwards as one batch "
                                 "(--no-guidance-batch: two forwards, the original cost)", default=True)
-    gradient_checkpointing: bool = _opt("recompute UNet activations in the backward pass to save memory",
-                                        default=False)
+    gradient_checkpointing: bool = _opt(
+        "recompute UNet activations in the backward pass: most of the memory of an iteration for about one extra "
+        "forward among the ~N/2+3 an iteration runs (--no-gradient-checkpointing to turn off)", default=True)
     image_size: int | None = _opt("image side in pixels (default: the model's own, e.g. 512 for SD1.x)",
                                   default=None)
     save_every: int = _opt("write esd.safetensors every N iterations (0: only at the end)", default=100)

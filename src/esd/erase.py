@@ -173,8 +173,10 @@ def prepare_unet(cfg: EraseConfig, unet, device: torch.device):
         frozen = copied_denoiser(unet, resolve_device(cfg.devices.split(",")[1]))
     else:
         frozen = swapped_denoiser(unet, originals)
-    if cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing:  # only the one grad forward per iteration pays for it
         unet.enable_gradient_checkpointing()
+    else:
+        unet.disable_gradient_checkpointing()
     return params, unet_denoiser(unet), frozen
 
 
