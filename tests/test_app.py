@@ -1,0 +1,202 @@
+"""The app's handlers on the shipped testbed, without a browser (tests/test_app_browser.py drives the page)."""
+
+import dataclasses
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("gradio", reason="the app needs Gradio: pip install -e '.[app]'")
+
+from esd import app as A  # noqa: E402
+from esd.config import METHOD_CHOICES, EraseConfig  # noqa: E402
+from esd.errors import EsdError  # noqa: E402
+
+# A short erase: a few iterations of a 3-step sampler, no before/after grid, no intermediate saves.
+QUICK = {"concept": "circle", "method": "xattn", "iterations": 4, "eta": 1.0, "start_guidance": 3.0,
+         "lr": 1e-3, "seed": 0, "ddim_steps": 3, "grid_steps": 0, "save_every": 0}
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    from esd.models import load_pipeline
+
+    return A.EsdApp(load_pipeline(None), tmp_path_factory.mktemp("app-out"))
+
+
+@pytest.fixture(scope="module")
+def finished_run(app):
+    """One short erase shared by the tests that need a run; returns (job, xattn values before the erase)."""
+    before = {n: p.detach().clone() for n, p in app.pipe.unet.named_parameters() if "attn2" in n}
+    job = app.start_erase(dict(QUICK))
+    assert job.done.wait(120), "the short erase did not finish"
+    assert job.error is None, job.error
+    return job, before
+
+
+def _wait(job, timeout: float = 120) -> None:
+    assert job.done.wait(timeout), "erase did not finish"
+    assert job.error is None, job.error
+
+
+def test_form_is_built_from_erase_config():
+    defaults = {f.name: f.default for f in dataclasses.fields(EraseConfig)}
+    specs = {name: (kind, default, help_text, choices)
+             for name, kind, default, help_text, choices in A.config_fields(A.FORM_FIELDS + A.ADVANCED_FIELDS)}
+    assert set(specs) == set(A.FORM_FIELDS + A.ADVANCED_FIELDS)
+    for name, (_, default, help_text, _) in specs.items():
+        assert default == defaults[name] and help_text  # same default, help text from the field metadata
+    assert specs["method"][3] == METHOD_CHOICES
+    assert specs["iterations"][0] is int and specs["lr"][0] is float and specs["separator"][0] is str
+
+
+def test_form_starts_from_the_model_folders_recommended_settings(app, monkeypatch):
+    import esd.app
+
+    monkeypatch.setattr(esd.app, "model_notes", lambda pipe: {"erase_defaults": {"iterations": 60, "lr": 1e-3}})
+    specs = {name: (default, help_text) for name, _, default, help_text, _ in app.form_fields(A.FORM_FIELDS)}
+    assert specs["iterations"][0] == 60 and "recommends 60" in specs["iterations"][1]
+    assert specs["lr"][0] == 1e-3 and specs["eta"][0] == EraseConfig().eta
+
+
+def test_form_validation_goes_through_erase_config(tmp_path):
+    ok = A.config_from_form({**QUICK, "separator": "", "erase_from": " "}, tmp_path / "run", "cpu")
+    assert ok.separator is None and ok.erase_from is None and ok.output == str(tmp_path / "run")
+    for bad, words in [({"concept": " "}, "concept"), ({"method": "xatn"}, "method"), ({"lr": 0}, "lr"),
+                       ({"lr": "fast"}, "lr"), ({"iterations": 2.5}, "whole"), ({"eta": float("nan")}, "eta"),
+                       ({"iterations": A.MAX_ITERATIONS + 1}, "at most"), ({"ddim_steps": 10_000}, "at most"),
+                       ({"output": "/etc"}, "not settable"), ({"device": "cuda"}, "not settable")]:
+        with pytest.raises(EsdError, match=words):
+            A.config_from_form({**QUICK, **bad}, tmp_path / "run", "cpu")
+
+
+def test_erase_writes_a_run_and_restores_the_base_weights(app, finished_run):
+    job, before = finished_run
+    run = app.output_dir / job.run_name
+    assert len(job.losses) == len(job.result.losses) == QUICK["iterations"]
+    assert {p.name for p in A.run_files(run)} == {"esd.safetensors", "README.md", "loss.png"}
+    assert A.list_runs(app.output_dir)[0] == job.run_name
+    cfg, meta = A.run_metadata(run)
+    assert cfg.concept == "circle" and meta["step"] == str(QUICK["iterations"])
+    after = dict(app.pipe.unet.named_parameters())
+    assert all(torch.equal(value, after[n]) for n, value in before.items()), "base UNet not restored"
+    assert "Finished" in A.job_status(job) and "4 of 4" in A.job_status(job)
+    assert list(A.loss_frame(job.losses)["loss"]) == job.losses
+
+
+def test_compare_original_and_erased_same_seeds(app, finished_run):
+    job, _ = finished_run
+    original, erased, verdicts = app.compare(job.run_name, "a red circle", seed=3, steps=4, per_prompt=1)
+    unrelated = app.unrelated_prompts(["circle"])
+    assert unrelated and len(original) == len(erased) == 1 + len(unrelated)
+    assert [c for _, c in original] == [c for _, c in erased]
+    assert original[0][1] == "a red circle · seed 3"
+    assert not any("circle" in c for _, c in original[1:])  # unrelated prompts avoid the concept
+    assert original[0][0].size == (32, 32)
+    assert len(verdicts) == len(original) and all(len(row) == 4 for row in verdicts)
+    # lr 1e-3 for 4 steps changes the cross-attention enough to change the concept image.
+    assert original[0][0].tobytes() != erased[0][0].tobytes()
+    again, _, _ = app.compare(job.run_name, "a red circle", seed=3, steps=4, per_prompt=1)
+    assert again[0][0].tobytes() == original[0][0].tobytes(), "the base weights were not restored after compare"
+
+
+def test_caps_on_image_counts(app, finished_run):
+    job, _ = finished_run
+    for steps, per_prompt in [(0, 1), (A.MAX_SAMPLE_STEPS + 1, 1), (5, A.MAX_IMAGES_PER_PROMPT + 1)]:
+        with pytest.raises(EsdError, match="steps must be"):
+            app.compare(job.run_name, "a circle", 0, steps, per_prompt)
+    with pytest.raises(EsdError, match="seeds must be"):
+        app.evaluate(job.run_name, seeds=A.MAX_EVAL_SEEDS + 1, steps=5)
+    with pytest.raises(EsdError, match="no erased model"):
+        app.compare("", "a circle", 0, 5, 1)
+    with pytest.raises(EsdError, match="no erased model"):
+        app.evaluate("", 1, 5)
+
+
+def test_stop_keeps_progress_and_one_erase_at_a_time(app, finished_run):
+    job = app.start_erase({**QUICK, "iterations": 200, "concept": "square"})
+    try:
+        with pytest.raises(EsdError, match="already running"):
+            app.start_erase(dict(QUICK))
+        with pytest.raises(EsdError, match="busy"):
+            app.compare(finished_run[0].run_name, "a square", 0, 2, 1)
+        while not job.losses and not job.done.is_set():
+            job.done.wait(0.05)
+    finally:
+        assert "Stopping" in app.request_stop()
+    _wait(job)
+    assert job.result.stopped_early and 1 <= len(job.losses) < 200
+    cfg, meta = A.run_metadata(app.output_dir / job.run_name)
+    assert meta["step"] == str(len(job.losses)) and cfg.iterations == 200
+    assert "stopped early" in A.job_status(job)
+    assert app.request_stop() == "No erase is running."
+    assert app.lock.acquire(blocking=False), "the lock was not released"
+    app.lock.release()
+
+
+def test_erase_error_is_reported_and_frees_the_model(app, monkeypatch):
+    import esd.erase
+    from esd.errors import NonFiniteLossError
+
+    def failing(cfg, pipe, progress, on_step):
+        with torch.no_grad():  # a half-trained UNet must be put back all the same
+            next(p for n, p in pipe.unet.named_parameters() if "attn2" in n).add_(1.0)
+        raise NonFiniteLossError("loss is nan at iteration 3")
+
+    before = {n: p.detach().clone() for n, p in app.pipe.unet.named_parameters()}
+    monkeypatch.setattr(esd.erase, "erase", failing)
+    job = app.start_erase(dict(QUICK))
+    assert job.done.wait(30)
+    assert "loss not finite" in A.job_status(job) and "nan" in A.job_status(job)
+    assert all(torch.equal(before[n], p) for n, p in app.pipe.unet.named_parameters())
+    assert app.lock.acquire(blocking=False), "the lock was not released"
+    app.lock.release()
+
+
+def test_runs_are_addressed_by_name_inside_the_output_folder(app, finished_run, tmp_path):
+    job, _ = finished_run
+    assert A.resolve_run(app.output_dir, job.run_name).parent == app.output_dir
+    for name in ["", ".", "..", "../x", "/etc", f"{job.run_name}/../{job.run_name}", "nope"]:
+        with pytest.raises(EsdError):
+            A.resolve_run(app.output_dir, name)
+    # A link from the output folder to a run elsewhere is refused, and so is a linked file inside a run.
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "esd.safetensors").write_bytes(b"x")
+    os.symlink(outside, app.output_dir / "linked")
+    with pytest.raises(EsdError):
+        A.resolve_run(app.output_dir, "linked")
+    assert "linked" not in A.list_runs(app.output_dir)
+    run = app.output_dir / job.run_name
+    os.symlink("/etc/hostname", run / "grid.png")
+    try:
+        assert "grid.png" not in {p.name for p in A.run_files(run)}
+    finally:
+        (run / "grid.png").unlink()
+        (app.output_dir / "linked").unlink()
+
+
+def test_save_tab_summary_and_compvis_export(app, finished_run):
+    job, _ = finished_run
+    text, files = app.run_summary(job.run_name)
+    assert "circle" in text and "xattn" in text
+    path = app.export_compvis(job.run_name)
+    assert path.name == "compvis.safetensors" and path in A.run_files(path.parent)
+
+
+def test_evaluate_tab_runs_the_testbed_suite(app, finished_run):
+    job, _ = finished_run
+    rows, grids = app.evaluate(job.run_name, seeds=1, steps=3)
+    metrics = {row[0]: row[1:] for row in rows}
+    assert {"shape_accuracy", "erased_rate", "others_mean_accuracy", "accuracy: circle"} <= set(metrics)
+    assert all(0 <= v <= 1 for row in rows for v in row[1:])
+    assert all(os.path.isfile(p) for p, _ in grids)
+
+
+def test_page_builds_and_cli_binds_localhost(app):
+    from esd.cli import build_parser
+
+    demo = A.build_ui(app)
+    assert demo.title.startswith("esd")
+    args = build_parser().parse_args(["app"])
+    assert (args.host, args.port, args.run) == ("127.0.0.1", 7860, A.run_app)
