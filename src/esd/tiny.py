@@ -48,7 +48,8 @@ def tiny_vae() -> AutoencoderKL:
 
 
 def tiny_text_encoder(hidden_size: int = TEXT_DIM, **overrides) -> CLIPTextModel:
-    config = CLIPTextConfig(
+    """A small CLIP text model with the real vocabulary (49,408) and 77 positions, as SD's; `overrides` win."""
+    config = dict(
         vocab_size=49408,
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
@@ -58,9 +59,8 @@ def tiny_text_encoder(hidden_size: int = TEXT_DIM, **overrides) -> CLIPTextModel
         bos_token_id=49406,
         eos_token_id=49407,
         pad_token_id=49407,
-        **overrides,
     )
-    return CLIPTextModel(config)
+    return CLIPTextModel(CLIPTextConfig(**{**config, **overrides}))
 
 
 def tiny_scheduler() -> DDIMScheduler:

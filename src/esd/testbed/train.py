@@ -29,10 +29,11 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextModel
 
 from esd.errors import EsdError, NonFiniteLossError
 from esd.testbed.render import COLOURS, SHAPES, SIZE, caption, render_batch
+from esd.tiny import tiny_scheduler, tiny_text_encoder
 from esd.tokenizer import TOKENIZER_DIR, clip_tokenizer
 
 VAE_FACTOR = 2  # 32 px -> 16x16 latents: shapes stay distinct, the UNet stays cheap
@@ -99,18 +100,7 @@ def build_vae(cfg: TrainConfig) -> AutoencoderKL:
 
 def build_text_encoder(cfg: TrainConfig) -> CLIPTextModel:
     """A small CLIP text model with the real vocabulary (49,408) and 77 positions, as SD1.x."""
-    config = CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=cfg.text_dim,
-        intermediate_size=4 * cfg.text_dim,
-        num_hidden_layers=cfg.text_layers,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-    )
-    return CLIPTextModel(config)
+    return tiny_text_encoder(cfg.text_dim, intermediate_size=4 * cfg.text_dim, num_hidden_layers=cfg.text_layers)
 
 
 def build_unet(cfg: TrainConfig) -> UNet2DConditionModel:
@@ -132,16 +122,7 @@ def build_unet(cfg: TrainConfig) -> UNet2DConditionModel:
 
 def build_scheduler() -> DDIMScheduler:
     """SD's own noise schedule: with it plain DDIM from pure noise works (a cosine schedule did not, §5)."""
-    return DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="epsilon",
-    )
+    return tiny_scheduler()
 
 
 def build_pipeline(
