@@ -12,7 +12,8 @@ A larger k therefore means fewer denoising steps, a noisier x and a larger t, as
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -69,23 +70,31 @@ def ddim_scheduler(config, num_steps: int) -> DDIMScheduler:
     return scheduler
 
 
+def ddim_states(eps: Denoiser, scheduler: DDIMScheduler, z_T: Tensor, cond: Cond, uncond: Cond,
+                guidance: float, batched: bool = True) -> Iterator[Tensor]:
+    """Yield the DDIM states of a CFG run from pure noise z_T: first z_T (step N−1's level), then each update."""
+    x = z_T * scheduler.init_noise_sigma
+    yield x
+    for t in scheduler.timesteps[:-1]:  # descending: τ_{N−1}, ..., τ_1; the last update lands on τ_0
+        out = guided(eps, scheduler.scale_model_input(x, t), t.expand(len(x)).to(x.device), cond, uncond,
+                     guidance, batched)
+        x = scheduler.step(out, t, x).prev_sample
+        yield x
+
+
 @torch.no_grad()
 def sample_until(eps: Denoiser, scheduler: DDIMScheduler, z_T: Tensor, cond: Cond, uncond: Cond,
                  guidance: float, k: int, batched: bool = True) -> Tensor:
     """Run DDIM with CFG from pure noise z_T and return the latent at the noise level of step k.
 
-    That is the state after N−1−k updates of a full N-step run (k = N−1 returns z_T itself).
+    That is the state after N−1−k updates of a full N-step run (k = N−1 returns z_T itself); the run
+    stops there, so a noisier step costs fewer UNet calls.
     """
-    timesteps = scheduler.timesteps  # descending: τ_{N−1}, ..., τ_0
-    n = len(timesteps)
+    n = len(scheduler.timesteps)
     if not 0 <= k < n:
         raise ValueError(f"DDIM step k={k} outside [0, {n})")
-    x = z_T * scheduler.init_noise_sigma
-    for t in timesteps[: n - 1 - k]:
-        x_in = scheduler.scale_model_input(x, t)
-        out = guided(eps, x_in, t.expand(len(x)).to(x.device), cond, uncond, guidance, batched)
-        x = scheduler.step(out, t, x).prev_sample
-    return x
+    states = ddim_states(eps, scheduler, z_T, cond, uncond, guidance, batched)
+    return next(itertools.islice(states, n - 1 - k, None))
 
 
 def band_timestep(k: int, num_steps: int, num_train_timesteps: int, generator: torch.Generator) -> int:
@@ -103,12 +112,4 @@ def sample_trajectory(eps: Denoiser, scheduler: DDIMScheduler, z_T: Tensor, cond
     The opt-in `--trajectory-reuse R` draws x_t for R iterations from one such run: N−1 updates per R
     iterations instead of (N−1)/2 on average per iteration.
     """
-    timesteps = scheduler.timesteps
-    n = len(timesteps)
-    states = [z_T * scheduler.init_noise_sigma]  # noise level of step N−1
-    for t in timesteps[: n - 1]:
-        x = states[-1]
-        out = guided(eps, scheduler.scale_model_input(x, t), t.expand(len(x)).to(x.device), cond, uncond,
-                     guidance, batched)
-        states.append(scheduler.step(out, t, x).prev_sample)
-    return states[::-1]  # index k: after N−1−k updates
+    return list(ddim_states(eps, scheduler, z_T, cond, uncond, guidance, batched))[::-1]  # k: N−1−k updates
