@@ -21,6 +21,9 @@ from pathlib import Path
 from esd.cli import add_config_arguments, config_from_args
 from esd.models import TESTBED, load_pipeline
 from esd.testbed.evaluate import evaluate_testbed
+from esd.testbed.render import COLOURS, SHAPES
+
+WORDS = {*COLOURS, *SHAPES}
 
 
 def measure(pipe, erased: str, seeds: int, steps: int, out: Path) -> dict:
@@ -36,11 +39,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=50, help="DDIM steps of the evaluation images")
     p.add_argument("--base-cache", default="outputs/testbed-base-metrics.json")
     p.add_argument("--json", default=None)
+    p.add_argument("--erased", default=None,
+                   help="the testbed word measured as erased (default: the concept's last word that is one)")
     args = p.parse_args()
     cfg = config_from_args(args)
     cfg.output = cfg.output or tempfile.mkdtemp(prefix="esd-bench-")
     cfg.grid_steps = 0
-    word = cfg.concept.split()[-1]
+    word = args.erased or next((w for w in reversed(cfg.concept.replace(",", " ").split()) if w in WORDS),
+                               cfg.concept.split()[-1])
 
     cache = Path(args.base_cache)
     key = f"{word}/{args.seeds}/{args.steps}"

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from esd.models import encode_prompt
-from esd.sampling import band_timestep, ddim_scheduler, sample_until, unet_denoiser
+from esd.sampling import band_timestep, ddim_scheduler, predict_prompts, sample_until, unet_denoiser
 
 N = 10
 
@@ -72,3 +72,17 @@ def test_larger_k_means_noisier_latent(setup):
     # distance to the starting noise shrinks as k grows (fewer updates)
     dist = [(sample_until(eps, scheduler, z_T, cond, null, 3.0, k) - z_T).norm().item() for k in (1, 5, 8)]
     assert dist[0] > dist[1] > dist[2]
+
+
+def test_frozen_predictions_in_one_forward_equal_separate_forwards(setup):
+    pipe, cond, null, z_T = setup
+    eps = unet_denoiser(pipe.unet)
+    t = torch.tensor([437])
+    other = encode_prompt(pipe, "a blue square")
+    with torch.no_grad():
+        one = predict_prompts(eps, z_T, t, [null, cond, other], batched=True)
+        separate = [eps(z_T, t, c) for c in (null, cond, other)]
+    assert len(one) == 3
+    for a, b in zip(one, separate, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(one[0], one[1])  # the prompts really differ in the batch

@@ -53,6 +53,7 @@ from esd.sampling import (
     Denoiser,
     band_timestep,
     ddim_scheduler,
+    predict_prompts,
     sample_trajectory,
     sample_until,
     unet_denoiser,
@@ -144,9 +145,9 @@ def draw_example(cfg: EraseConfig, conds: dict[str, Cond], sampler: Denoiser, fr
     slot.uses_left -= 1
     t = torch.tensor([band_timestep(k, cfg.ddim_steps, scheduler.config.num_train_timesteps, slot.gen)],
                      device=device)
-    eps_null = frozen(x_t, t, null)
-    eps_concept = frozen(x_t, t, conds[w])
-    eps_context = frozen(x_t, t, prompt) if cfg.erase_from else None
+    prompts = [null, conds[w], prompt] if cfg.erase_from else [null, conds[w]]
+    eps_null, eps_concept, *rest = predict_prompts(frozen, x_t, t, prompts, cfg.guidance_batch)
+    eps_context = rest[0] if rest else None
     return Example(w, k, x_t, t, prompt, esd_target(eps_null, eps_concept, cfg.eta, eps_context))
 
 

@@ -12,6 +12,7 @@ A larger k therefore means fewer denoising steps, a noisier x and a larger t, as
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -61,6 +62,20 @@ def guided(eps: Denoiser, x: Tensor, t: Tensor, cond: Cond, uncond: Cond, scale:
     else:  # the original cost model: two separate forwards
         e_uncond, e_cond = eps(x, t, uncond.repeat(len(x))), eps(x, t, cond.repeat(len(x)))
     return e_uncond + scale * (e_cond - e_uncond)
+
+
+def predict_prompts(eps: Denoiser, x: Tensor, t: Tensor, conds: list[Cond], batched: bool = True) -> list[Tensor]:
+    """ε(x, c, t) for each prompt c at the same x and t: one forward over all prompts unless `batched` is False.
+
+    ESD needs ε*(x_t, t) and ε*(x_t, c, t) (and ε*(x_t, f, t) in erase-from mode) at one x_t; batching
+    them turns two or three forwards into one, which is what a GPU is fastest at.
+    """
+    if not batched:
+        return [eps(x, t, c) for c in conds]
+    n = len(x)
+    both = eps(torch.cat([x] * len(conds)), t.repeat(len(conds)) if t.numel() > 1 else t,
+               functools.reduce(Cond.cat, [c.repeat(n) for c in conds]))
+    return list(both.chunk(len(conds)))
 
 
 def ddim_scheduler(config, num_steps: int) -> DDIMScheduler:
