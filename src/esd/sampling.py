@@ -54,16 +54,6 @@ def unet_denoiser(unet: torch.nn.Module) -> Denoiser:
     return eps
 
 
-def guided(eps: Denoiser, x: Tensor, t: Tensor, cond: Cond, uncond: Cond, scale: float, batched: bool = True):
-    """Classifier-free guidance: ε(x,∅) + s·(ε(x,c) − ε(x,∅)); one batched forward unless `batched` is False."""
-    if batched:
-        both = eps(torch.cat([x, x]), t, Cond.cat(uncond.repeat(len(x)), cond.repeat(len(x))))
-        e_uncond, e_cond = both.chunk(2)
-    else:  # the original cost model: two separate forwards
-        e_uncond, e_cond = eps(x, t, uncond.repeat(len(x))), eps(x, t, cond.repeat(len(x)))
-    return e_uncond + scale * (e_cond - e_uncond)
-
-
 def predict_prompts(eps: Denoiser, x: Tensor, t: Tensor, conds: list[Cond], batched: bool = True) -> list[Tensor]:
     """ε(x, c, t) for each prompt c at the same x and t: one forward over all prompts unless `batched` is False.
 
@@ -71,11 +61,18 @@ def predict_prompts(eps: Denoiser, x: Tensor, t: Tensor, conds: list[Cond], batc
     them turns two or three forwards into one, which is what a GPU is fastest at.
     """
     if not batched:
-        return [eps(x, t, c) for c in conds]
+        return [eps(x, t, c.repeat(len(x))) for c in conds]
     n = len(x)
-    both = eps(torch.cat([x] * len(conds)), t.repeat(len(conds)) if t.numel() > 1 else t,
-               functools.reduce(Cond.cat, [c.repeat(n) for c in conds]))
-    return list(both.chunk(len(conds)))
+    t = t.expand(n) if t.numel() == 1 else t
+    out = eps(torch.cat([x] * len(conds)), t.repeat(len(conds)), functools.reduce(Cond.cat, [c.repeat(n) for c in conds]))
+    return list(out.chunk(len(conds)))
+
+
+def guided(eps: Denoiser, x: Tensor, t: Tensor, cond: Cond, uncond: Cond, scale: float, batched: bool = True):
+    """Classifier-free guidance: ε(x,∅) + s·(ε(x,c) − ε(x,∅)); one batched forward unless `batched` is False
+    (the original cost model: two separate forwards)."""
+    e_uncond, e_cond = predict_prompts(eps, x, t, [uncond, cond], batched)
+    return e_uncond + scale * (e_cond - e_uncond)
 
 
 def ddim_scheduler(config, num_steps: int) -> DDIMScheduler:
