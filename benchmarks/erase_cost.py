@@ -49,18 +49,14 @@ def build_pipeline(size: str):
             sys.exit(f"no testbed at {TESTBED}")
         return load_pipeline(str(TESTBED), "cpu")
     if size == "sd1-full":
-        from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+        from diffusers import UNet2DConditionModel
 
         from esd.compvis import CONFIGS as CONFIG_DIR
 
         torch.manual_seed(0)
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(CONFIG_DIR / "sd1" / "unet"))
         text = tiny.tiny_text_encoder(hidden_size=768)  # SD1.x's width; depth does not matter here
-        pipe = StableDiffusionPipeline(vae=tiny.tiny_vae(), text_encoder=text, tokenizer=tiny.clip_tokenizer(),
-                                       unet=unet, scheduler=tiny.tiny_scheduler(), safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        return tiny.sd_pipeline(tiny.tiny_vae(), text, unet)
     sys.exit(f"unknown --size {size}")
 
 

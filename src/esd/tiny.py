@@ -76,21 +76,26 @@ def tiny_scheduler() -> DDIMScheduler:
     )
 
 
-def tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
-    """A complete SD1.x-layout pipeline, 64x64 px images, random weights from `seed`."""
-    torch.manual_seed(seed)
+def sd_pipeline(vae, text_encoder, unet, scheduler=None, tokenizer=None) -> StableDiffusionPipeline:
+    """An SD1.x/SD2.x pipeline from its parts: no safety checker, progress bars off (tests, testbed, benchmarks)."""
     pipe = StableDiffusionPipeline(
-        vae=tiny_vae(),
-        text_encoder=tiny_text_encoder(),
-        tokenizer=clip_tokenizer(),
-        unet=tiny_unet(),
-        scheduler=tiny_scheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer() if tokenizer is None else tokenizer,
+        unet=unet,
+        scheduler=tiny_scheduler() if scheduler is None else scheduler,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """A complete SD1.x-layout pipeline, 64x64 px images, random weights from `seed`."""
+    torch.manual_seed(seed)
+    return sd_pipeline(tiny_vae(), tiny_text_encoder(), tiny_unet())
 
 
 def tiny_layout(n_blocks: int = 2, layers_per_block: int = 1, xl: bool = False) -> dict:
@@ -124,18 +129,8 @@ def tiny_sd2_pipeline(
     scheduler = DDIMScheduler.from_config(
         tiny_scheduler().config, prediction_type="v_prediction" if v_prediction else "epsilon"
     )
-    pipe = StableDiffusionPipeline(
-        vae=tiny_vae(),
-        text_encoder=text_encoder,
-        tokenizer=clip_tokenizer(pad_token="!"),  # SD2's tokenizer pads with "!" (id 0), not <|endoftext|>
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    # SD2's tokenizer pads with "!" (id 0), not <|endoftext|>
+    return sd_pipeline(tiny_vae(), text_encoder, unet, scheduler, tokenizer=clip_tokenizer(pad_token="!"))
 
 
 TEXT_DIM_2 = 48  # differs from TEXT_DIM: diffusers tells SDXL's two encoders apart by width

@@ -33,7 +33,7 @@ from transformers import CLIPTextModel
 
 from esd.errors import EsdError, NonFiniteLossError
 from esd.testbed.render import COLOURS, SHAPES, SIZE, caption, render_batch
-from esd.tiny import tiny_scheduler, tiny_text_encoder
+from esd.tiny import sd_pipeline, tiny_scheduler, tiny_text_encoder
 from esd.tokenizer import TOKENIZER_DIR, clip_tokenizer
 
 VAE_FACTOR = 2  # 32 px -> 16x16 latents: shapes stay distinct, the UNet stays cheap
@@ -129,18 +129,7 @@ def build_pipeline(
     vae: AutoencoderKL, text_encoder: CLIPTextModel, unet: UNet2DConditionModel
 ) -> StableDiffusionPipeline:
     """Wrap the parts in a diffusers pipeline (no safety checker: the testbed draws shapes)."""
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=clip_tokenizer(),
-        unet=unet,
-        scheduler=build_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return sd_pipeline(vae, text_encoder, unet, build_scheduler())
 
 
 def n_params(module: torch.nn.Module) -> int:
