@@ -45,7 +45,8 @@ def weights_of(model_name: str) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     from esd.evaluate.generate import generate_rows, read_prompts
-    from esd.models import apply_esd_weights, load_pipeline, resolve_device
+    from esd.models import load_pipeline, resolve_device
+    from esd.weights import apply_esd_weights
 
     a = parse_args(argv)
     try:

@@ -193,10 +193,55 @@ def test_evaluate_tab_runs_the_testbed_suite(app, finished_run):
     assert all(os.path.isfile(p) for p, _ in grids)
 
 
-def test_page_builds_and_cli_binds_localhost(app):
-    from esd.cli import build_parser
+def _handlers(demo) -> dict[tuple[str, str], object]:
+    """{(elem_id of the component, event): the page's handler for it}, for the components that have an elem_id."""
+    blocks = demo.blocks
+    out = {}
+    for fn in demo.fns.values():
+        for block_id, event in fn.targets:
+            elem_id = getattr(blocks.get(block_id), "elem_id", None)
+            if elem_id:
+                out[(elem_id, event)] = fn
+    return out
+
+
+def test_page_sends_the_form_as_erase_config_fields_and_runs_one_model_task_at_a_time(app):
+    import gradio as gr
+
+    from esd.models import model_notes
 
     demo = A.build_ui(app)
-    assert demo.title.startswith("esd")
+    handlers = _handlers(demo)
+    # Start sends one input per form field, in the order its handler zips them with the field names,
+    # each starting from the EraseConfig default or the model folder's recommended value.
+    names = A.FORM_FIELDS + A.ADVANCED_FIELDS
+    start = handlers[("erase-start", "click")]
+    assert [block.elem_id for block in start.inputs] == [f"cfg-{n.replace('_', '-')}" for n in names]
+    recommended = model_notes(app.pipe).get("erase_defaults", {})
+    defaults = {f.name: recommended.get(f.name, f.default) for f in dataclasses.fields(EraseConfig)}
+    for name, block in zip(names, start.inputs, strict=True):
+        assert block.value == (defaults[name] if defaults[name] is not None else ""), name
+    # Everything that uses the model shares one queue slot; Stop bypasses the queue so it reaches a running erase.
+    model_tasks = [("erase-start", "click"), ("compare-button", "click"), ("evaluate-button", "click")]
+    assert all(handlers[key].concurrency_id == "model" and handlers[key].concurrency_limit == 1 for key in model_tasks)
+    export = [fn for fn in demo.fns.values() if fn.name == "wrapped" and fn.concurrency_id == "model"
+              and [type(b).__name__ for b in fn.outputs] == ["Markdown", "File"]]
+    assert len(export) == 1, "the CompVis export must queue with the other model tasks"
+    stop = handlers[("erase-stop", "click")]
+    assert stop.queue is False and stop.concurrency_limit is None
+    # A user error in a handler is shown on the page (gr.Error), not raised as a stack trace.
+    with pytest.raises(gr.Error, match="no erased model"):
+        handlers[("compare-button", "click")].fn("", "a circle", 0, 5, 1)
+
+
+def test_cli_binds_localhost_and_serves_only_the_output_folder(app, monkeypatch):
+    import gradio as gr
+
+    from esd.cli import build_parser
+
     args = build_parser().parse_args(["app"])
     assert (args.host, args.port, args.run) == ("127.0.0.1", 7860, A.run_app)
+    seen = {}
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: seen.update(kwargs))
+    A.launch(A.build_ui(app), app, args.host, args.port, block=False)
+    assert seen["server_name"] == "127.0.0.1" and seen["allowed_paths"] == [str(app.output_dir)]

@@ -1,5 +1,6 @@
 """The CLI contract end to end on a tiny pipeline folder, and every bad input with its exit code."""
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -7,8 +8,10 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from esd.cli import main
 from esd.config import EraseConfig
@@ -23,7 +26,7 @@ def _pixels(path):
     return np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
 
 
-def test_erase_then_generate_with_weights(tiny_pipe_dir, tmp_path):
+def test_erase_then_generate_with_weights(tiny_pipe_dir, tmp_path, monkeypatch):
     out = tmp_path / "erased"
     r = _run("erase", "--concept", "a red circle", "--model", str(tiny_pipe_dir), "--iterations", "8",
              "--lr", "5e-3", "--eta", "3", "--ddim-steps", "5", "--seed", "3", "--device", "cpu",
@@ -41,8 +44,9 @@ def test_erase_then_generate_with_weights(tiny_pipe_dir, tmp_path):
     assert names and all(".attn2." in n for n in names)
     card = (out / "README.md").read_text()
     for needle in ("a red circle", "xattn", "η", "eps*(x,t,'') - eta", "| iterations | 8 of 8", "| seed | 3",
-                   str(tiny_pipe_dir), "load_state_dict(load_file(\"esd.safetensors\"), strict=False)"):
+                   str(tiny_pipe_dir), "load_state_dict(weights, strict=False)"):
         assert needle in card, needle
+    _check_card_snippet(card, out, tmp_path, monkeypatch)
     assert Image.open(out / "grid.png").size[0] > 300 and Image.open(out / "loss.png").size[0] > 300
 
     # generate: the same seed with and without the weights; the concept prompt must change
@@ -56,6 +60,61 @@ def test_erase_then_generate_with_weights(tiny_pipe_dir, tmp_path):
     assert diff > 1.0, diff
     # the two images of a prompt use seeds 11 and 12: they differ from each other
     assert np.abs(_pixels(erased / "0_0.png") - _pixels(erased / "0_1.png")).mean() > 1.0
+
+
+def _card_snippet(card: str) -> str:
+    """The model card's Python block, without its last line (generating an image is slow and not what is checked)."""
+    code = card.split("```python\n", 1)[1].split("```", 1)[0]
+    return "\n".join(line for line in code.splitlines() if not line.startswith("image = "))
+
+
+def _check_card_snippet(card: str, out, tmp_path, monkeypatch) -> None:
+    """The card's loading code runs as printed, loads every tensor of the file, and refuses a file for another UNet."""
+    code = _card_snippet(card)
+    monkeypatch.chdir(out)
+    scope: dict = {}
+    exec(code, scope)  # the card's own snippet, on this run's files
+    unet = scope["pipe"].unet
+    for name, value in load_file("esd.safetensors").items():
+        assert torch.equal(unet.get_parameter(name).detach(), value), name
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    save_file({**load_file("esd.safetensors"), "mid_block.not_a_layer.weight": torch.zeros(2)},
+              str(foreign / "esd.safetensors"))
+    monkeypatch.chdir(foreign)
+    with pytest.raises(AssertionError, match="not tensors of this UNet"):
+        exec(code, {})
+
+
+def test_erase_help_states_each_default_once(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")  # argparse wraps help at the terminal width
+    with pytest.raises(SystemExit) as exit_info:
+        main(["erase", "--help"])
+    assert exit_info.value.code == 0
+    entries = _help_entries(capsys.readouterr().out)
+    assert {"--" + f.name.replace("_", "-") for f in dataclasses.fields(EraseConfig)} <= set(entries)
+    for flag, text in entries.items():
+        assert "(default: None)" not in text and "(default: )" not in text, (flag, text)
+        assert text.count("(default:") <= 1, (flag, text)
+    assert entries["--iterations"].endswith("(default: 1000)")  # a real default is still shown
+    assert entries["--model"].endswith("(default: the shipped testbed)")  # the help's own wording, once
+    assert "(default" not in entries["--concept"] and "(default" not in entries["--separator"]
+    assert entries["--guidance-batch"].endswith("(default: True)")
+
+
+def _help_entries(text: str) -> dict[str, str]:
+    """argparse help -> {first flag: its help text on one line}; a wrapped line joins the entry it continues."""
+    entries: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        if line.startswith("  -"):  # a new option: "  --flag VALUE   help" or "  --flag, --no-flag"
+            current = line.split()[0].rstrip(",")
+            entries[current] = [line]
+        elif current and line.startswith("   "):
+            entries[current].append(line)
+        else:
+            current = None
+    return {flag: " ".join(" ".join(lines).split()) for flag, lines in entries.items()}
 
 
 def test_generate_from_prompt_csv_resumes(tiny_pipe_dir, tmp_path):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
+import logging
 import os
 from pathlib import Path
 
@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from esd import compvis
+from esd.cli import main
 from esd.compvis import CONFIGS, FAMILIES, UNET_PREFIX, YAML
 from esd.errors import EsdError
 from esd.tiny import tiny_sd2_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline, tiny_unet
@@ -318,12 +319,38 @@ def test_convert_with_mismatched_weights_writes_nothing(exported, tmp_path):
     no_stray_files(tmp_path, {"esd.safetensors"})
 
 
-def test_cli_convert(exported, tmp_path):
+def test_cli_convert(exported, tmp_path, capsys):
     pipe, config_dir, path = exported("sd1")
-    parser = argparse.ArgumentParser()
-    compvis.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["convert", str(path), str(tmp_path / "pipe"), "--config", str(config_dir)])
-    assert args.run(args) == 0
+    assert main(["convert", str(path), str(tmp_path / "pipe"), "--config", str(config_dir)]) == 0
     assert (tmp_path / "pipe" / "model_index.json").is_file()
+    assert f"wrote {tmp_path / 'pipe'}" in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        parser.parse_args(["convert", str(path), "x", "--to", "onnx"])
+        main(["convert", str(path), "x", "--to", "onnx"])
+    assert main(["convert", str(tmp_path / "missing.ckpt"), str(tmp_path / "o.safetensors")]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_sd2_export_from_a_folder_warns_and_from_the_original_file_keeps_its_text_tensors(exported, tmp_path, caplog):
+    pipe, config_dir, path = exported("sd2-v")
+    with caplog.at_level(logging.WARNING, logger="esd.compvis"):
+        compvis.convert(config_dir, tmp_path / "from-folder.safetensors")
+    assert "text_projection" in caplog.text and "clip missing" in caplog.text
+    # An original SD2 file carries the projection diffusers drops: a conversion from it keeps it, silently.
+    prefix = compvis.TEXT_PREFIXES["sd2"]["text_encoder"]
+    width = pipe.text_encoder.config.hidden_size
+    projection = {f"{prefix}text_projection": torch.randn(width, width)}
+    save_file({**load_file(str(path)), **projection}, str(tmp_path / "original.safetensors"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="esd.compvis"):
+        compvis.convert(tmp_path / "original.safetensors", tmp_path / "from-file.safetensors", config=config_dir)
+    assert "text_projection" not in caplog.text
+    written = load_file(str(tmp_path / "from-file.safetensors"))
+    assert torch.equal(written[f"{prefix}text_projection"], projection[f"{prefix}text_projection"])
+    # the same rule for the export an erase or the app writes (export_pipeline), with and without the base file
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="esd.compvis"):
+        compvis.export_pipeline(pipe, tmp_path / "kept.safetensors", base_file=tmp_path / "original.safetensors")
+        assert "text_projection" not in caplog.text
+        compvis.export_pipeline(pipe, tmp_path / "lost.safetensors")
+    assert "text_projection" in caplog.text
+    assert f"{prefix}text_projection" in load_file(str(tmp_path / "kept.safetensors"))

@@ -13,7 +13,7 @@ from esd.errors import NonFiniteLossError
 from esd.frozen import copied_denoiser, original_values, swapped_denoiser
 from esd.models import encode_prompt
 from esd.params import select_parameters
-from esd.sampling import Cond, ddim_scheduler, sample_until, unet_denoiser
+from esd.sampling import Cond, ddim_scheduler, sample_trajectory, unet_denoiser
 
 
 def _cfg(tmp_path, **kw):
@@ -70,29 +70,49 @@ def _setup(pipe, cfg):
     return unet, reference, frozen, conds
 
 
+def _recording(eps):
+    """`eps`, remembering the state of every call: the sampler's first state is z_T itself."""
+    states = []
+
+    def wrapped(x, t, cond):
+        states.append(x[:1].detach().clone())  # with batched guidance x is [state, state]
+        return eps(x, t, cond)
+
+    return wrapped, states
+
+
 @pytest.mark.parametrize("sample_from", ["esd", "frozen"])
 def test_target_follows_the_paper_eta_in_both_sampling_modes(tiny_pipe, tmp_path, sample_from):
     cfg = _cfg(tmp_path, eta=2.0, sample_from=sample_from, ddim_steps=6)
+    n, concept = cfg.ddim_steps, cfg.concepts[0]
     unet, reference, frozen, conds = _setup(tiny_pipe, cfg)
     trained = unet_denoiser(unet)
-    scheduler = ddim_scheduler(tiny_pipe.scheduler.config, cfg.ddim_steps)
-    sampler = trained if sample_from == "esd" else frozen
-    ex = draw_example(cfg, conds, sampler, frozen, scheduler, (1, 4, 8, 8), Slot(random.Random(0), torch.Generator().manual_seed(5)))
-    # recompute independently with the real frozen copy: target = e0 − η (ep − e0), η = 2
-    e0, ep = reference(ex.x_t, ex.t, conds[""]), reference(ex.x_t, ex.t, conds["a red circle"])
-    assert torch.allclose(ex.target, e0 - 2.0 * (ep - e0), atol=1e-5)
-    # and x_t came from the model the mode names
-    z_T = torch.randn((1, 4, 8, 8), generator=_replay_generator(5)).to(torch.float32)
-    model = trained if sample_from == "esd" else reference
-    expected = sample_until(model, scheduler, z_T, conds["a red circle"], conds[""], cfg.start_guidance, ex.k)
-    assert torch.allclose(ex.x_t, expected, atol=1e-5)
-
-
-def _replay_generator(seed):
-    """The generator state draw_example sees after drawing k (one randint)."""
-    gen = torch.Generator().manual_seed(seed)
-    torch.randint(6, (1,), generator=gen)
-    return gen
+    scheduler = ddim_scheduler(tiny_pipe.scheduler.config, n)
+    n_train = scheduler.config.num_train_timesteps
+    sampler, states = _recording(trained if sample_from == "esd" else frozen)
+    named, other = (trained, reference) if sample_from == "esd" else (reference, trained)  # reference: a real copy
+    steps = set()
+    for seed in range(8):
+        states.clear()
+        ex = draw_example(cfg, conds, sampler, frozen, scheduler, (1, 4, 8, 8),
+                          Slot(random.Random(0), torch.Generator().manual_seed(seed)))
+        # target = e0 − η (ep − e0), η = 2, recomputed independently with the real frozen copy
+        e0, ep = reference(ex.x_t, ex.t, conds[""]), reference(ex.x_t, ex.t, conds[concept])
+        assert torch.allclose(ex.target, e0 - 2.0 * (ep - e0), atol=1e-5)
+        # t lies in step k's band [round(k/N·T), round((k+1)/N·T))
+        assert round(ex.k / n * n_train) <= int(ex.t) < round((ex.k + 1) / n * n_train)
+        # sampling till step k is N−1−k updates (a larger k: fewer updates, a noisier x_t) ...
+        assert len(states) == n - 1 - ex.k
+        steps.add(ex.k)
+        if not states:
+            continue  # k = N−1: x_t is z_T itself, before any update
+        # ... and lands on the state of step k of a full run from the same z_T, by the model the mode names
+        z_T = states[0] / scheduler.init_noise_sigma  # DDIM's scale_model_input is the identity
+        full = sample_trajectory(named, scheduler, z_T, conds[concept], conds[""], cfg.start_guidance)
+        assert torch.allclose(ex.x_t, full[ex.k], atol=1e-5)
+        by_other = sample_trajectory(other, scheduler, z_T, conds[concept], conds[""], cfg.start_guidance)
+        assert not torch.allclose(ex.x_t, by_other[ex.k], atol=1e-4)
+    assert len(steps) >= 3, steps  # the seeds reach several steps, not one by chance
 
 
 def test_erase_from_conditions_on_the_context(tiny_pipe, tmp_path):

@@ -131,8 +131,8 @@ def test_reused_folder_with_other_settings_or_unreadable_image_is_refused(tiny_p
 
 def test_weights_are_applied_hashed_and_pinned_to_the_folder(tiny_pipe_dir, tmp_path, capsys):
     from esd.evaluate.provenance import sha256_file
-    from esd.models import save_esd_weights
     from esd.tiny import tiny_sd_pipeline
+    from esd.weights import save_esd_weights
 
     unet = tiny_sd_pipeline(seed=0).unet
     files = []

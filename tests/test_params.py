@@ -1,4 +1,4 @@
-"""Each method selects exactly the parameters of DESIGN.md's table, on SD1.x's block structure."""
+"""Each method selects exactly the parameters of docs/design.md's "Parameter sets" table, on SD1.x's block structure."""
 
 import pytest
 from diffusers.models.attention_processor import Attention

@@ -28,7 +28,8 @@ from PIL import Image
 
 from esd.config import PRESETS, EraseConfig
 from esd.errors import EsdError, NonFiniteLossError
-from esd.models import apply_esd_weights, describe_model, grid_prompts, model_notes
+from esd.models import describe_model, grid_prompts, model_notes
+from esd.weights import apply_esd_weights
 
 # Sane maxima: a browser form must not be able to start a week-long job or a million images.
 MAX_ITERATIONS = 5000

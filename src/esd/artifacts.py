@@ -13,8 +13,9 @@ from PIL import Image  # noqa: E402
 
 from esd.config import ETA_CONVENTION, EraseConfig  # noqa: E402
 from esd.evaluate.generate import DEFAULT_GUIDANCE, generate  # noqa: E402
-from esd.models import atomic_path, describe_model, grid_prompts  # noqa: E402
+from esd.models import describe_model, grid_prompts  # noqa: E402
 from esd.params import group_table  # noqa: E402
+from esd.weights import atomic_path  # noqa: E402
 
 GRID_SEEDS = (0, 1)
 
@@ -134,7 +135,11 @@ from diffusers import DiffusionPipeline
 from safetensors.torch import load_file
 
 pipe = DiffusionPipeline.from_pretrained("{base}")
-pipe.unet.load_state_dict(load_file("esd.safetensors"), strict=False)
+weights = load_file("esd.safetensors")
+# strict=False because the file holds only the trained tensors; check that it fits this UNet all the same
+loaded = pipe.unet.load_state_dict(weights, strict=False)
+assert not loaded.unexpected_keys, f"not tensors of this UNet: {{loaded.unexpected_keys[:3]}}"
+assert set(pipe.unet.state_dict()) - set(loaded.missing_keys) == set(weights), "not every tensor was loaded"
 image = pipe("{cfg.concepts[0]}").images[0]
 ```
 

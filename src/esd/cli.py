@@ -1,7 +1,8 @@
-"""The `esd` command: erase | generate | convert | testbed | evaluate.
+"""The `esd` command: erase | generate | convert | testbed | evaluate | app.
 
 `esd erase` flags are generated from `EraseConfig`'s fields, so names, defaults, choices and help can
-never drift from the config. User errors print one line and exit 2.
+never drift from the config. `erase`, `generate` and `convert` live here; `testbed`, `evaluate` and `app`
+register themselves from their own modules. User errors print one line and exit 2.
 """
 
 from __future__ import annotations
@@ -12,9 +13,36 @@ import sys
 import typing
 from pathlib import Path
 
+from esd import app as app_command
+from esd.compvis import FAMILIES, TO_CHOICES
 from esd.config import EraseConfig
 from esd.errors import EsdError, NonFiniteLossError
+from esd.evaluate import command as evaluate_command
 from esd.evaluate.generate import DEFAULT_GUIDANCE, DEFAULT_STEPS
+from esd.testbed import cli as testbed_command
+
+# Sub-commands that live with their feature and add themselves to the parser. Imported plainly: a
+# module that fails to import stops `esd` with its traceback instead of its sub-command vanishing.
+FEATURE_COMMANDS = (testbed_command.register, evaluate_command.register, app_command.register)
+
+
+class DefaultsOnceFormatter(argparse.HelpFormatter):
+    """Help that states each flag's default once, and only a default worth stating.
+
+    argparse's ArgumentDefaultsHelpFormatter appends "(default: X)" to every flag, also to help texts that
+    already say what the default means ("(default: the shipped testbed)") and to flags whose default is
+    None or "" (which reads "(default: None)", "(default: )").
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or "%(default)" in text:  # the help says it already (or argparse will)
+            return text
+        if action.default in (None, "", argparse.SUPPRESS):
+            return text
+        if not action.option_strings and action.nargs not in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return text  # a required positional has no default
+        return f"{text} (default: %(default)s)"
 
 
 def _flag(name: str) -> str:
@@ -72,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     erase = sub.add_parser("erase", help="erase a concept from a model's weights",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=DefaultsOnceFormatter)
     add_config_arguments(erase)
     erase.set_defaults(run=run_erase)
 
@@ -93,23 +121,30 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--output", required=True, help="folder for {case_number}_{k}.png")
     gen.set_defaults(run=run_generate)
 
-    for module in ("esd.compvis", "esd.testbed.cli", "esd.evaluate.command", "esd.app"):
-        register = _optional_register(module)
-        if register is not None:
-            register(sub)
+    add_convert_command(sub)
+    for register in FEATURE_COMMANDS:
+        register(sub)
     return parser
 
 
-def _optional_register(module: str):
-    """Sub-commands that live with their feature register themselves here."""
-    import importlib
-
-    try:
-        return importlib.import_module(module).register
-    except ModuleNotFoundError as err:
-        if err.name and module.startswith(err.name):
-            return None
-        raise
+def add_convert_command(subparsers) -> argparse.ArgumentParser:
+    """`convert SRC DST [--weights FILE] [--to ...] [--config DIR_OR_YAML]`; the work is `esd.compvis.convert`."""
+    parser = subparsers.add_parser(
+        "convert",
+        help="convert between CompVis single files and diffusers folders, optionally applying ESD weights",
+        description="Convert SRC (a CompVis .ckpt/.safetensors or a diffusers folder) to DST. With --weights, "
+        "the ESD-trained UNet parameters are applied first. CompVis -> CompVis keeps every other tensor of SRC.",
+    )
+    parser.add_argument("src", help="CompVis .ckpt/.safetensors file or diffusers pipeline folder")
+    parser.add_argument("dst", help="output: a .safetensors/.ckpt file, or a new folder")
+    parser.add_argument("--weights", default=None, help="ESD weights file (safetensors, diffusers UNet names)")
+    parser.add_argument("--to", choices=TO_CHOICES, default=None,
+                        help="output format (default: compvis when DST ends in .safetensors/.ckpt, else diffusers)")
+    parser.add_argument("--config", default=None,
+                        help="for a CompVis SRC: a diffusers config folder or LDM yaml (default: detected "
+                        f"from the weights; shipped: {', '.join(FAMILIES)})")
+    parser.set_defaults(run=run_convert)
+    return parser
 
 
 def run_erase(args: argparse.Namespace) -> int:
@@ -127,7 +162,8 @@ def run_erase(args: argparse.Namespace) -> int:
 
 def run_generate(args: argparse.Namespace) -> int:
     from esd.evaluate.generate import PromptRow, generate_rows, read_prompts
-    from esd.models import apply_esd_weights, load_pipeline, resolve_device
+    from esd.models import load_pipeline, resolve_device
+    from esd.weights import apply_esd_weights
 
     if args.steps < 1 or args.num_images < 1:
         raise EsdError("--steps and --num-images must be >= 1")
@@ -137,6 +173,15 @@ def run_generate(args: argparse.Namespace) -> int:
         apply_esd_weights(pipe.unet, args.weights)
     paths = generate_rows(pipe, rows, args.output, args.num_images, args.steps, args.guidance, args.image_size)
     print(f"{len(paths)} images in {Path(args.output)}")
+    return 0
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """Convert and say where the result is. `EsdError`s propagate to `main`'s handler."""
+    from esd.compvis import convert
+
+    dst = convert(args.src, args.dst, weights=args.weights, to=args.to, config=args.config)
+    print(f"wrote {dst}")
     return 0
 
 

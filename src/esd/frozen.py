@@ -1,4 +1,4 @@
-"""The frozen original model ε* (DESIGN.md §2), without a second UNet by default.
+"""The frozen original model ε* (docs/design.md, "Memory design"), without a second UNet by default.
 
 Only the trained subset θ ever changes, so ε* is the same UNet evaluated with the *original* values of
 θ swapped in: `torch.func.functional_call` does that for one call, leaving the trained tensors alone.

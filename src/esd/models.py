@@ -1,26 +1,23 @@
-"""Loading base models and reading/writing ESD weight files.
+"""Loading base models and asking them what they are.
 
 A base model is a Hugging Face id, a diffusers pipeline folder, or a CompVis single file
-(`.ckpt`/`.safetensors`, see `esd.compvis`). An ESD weights file (`esd.safetensors`) holds only the
-trained UNet parameters, under their diffusers names, with the run's config in the metadata.
+(`.ckpt`/`.safetensors`, see `esd.compvis`). Which family it is (SD1.x, SD2.x, SDXL), what its UNet
+predicts, its native image size and the prompt encoding all live here. ESD weight files are in
+`esd.weights`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
-from torch import Tensor
 
 from esd.errors import EsdError
 from esd.sampling import Cond
+
+# re-exported for esd.erase, esd.testbed.cli and tests/test_testbed*.py; import from esd.weights
+from esd.weights import apply_esd_weights, save_esd_weights  # noqa: F401
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TESTBED = REPO_ROOT / "models" / "testbed"
@@ -181,63 +178,3 @@ def encode_prompt(pipe, text: str, image_size: int | None = None) -> Cond:
         return Cond(embeds, {"text_embeds": pooled, "time_ids": time_ids.to(device)})
     embeds, _ = pipe.encode_prompt(text, device, 1, do_classifier_free_guidance=False)
     return Cond(embeds)
-
-
-# ---------------------------------------------------------------- ESD weights files
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; move it into place only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def save_esd_weights(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> Path:
-    """Write the trained parameters (diffusers UNet names) as safetensors, atomically."""
-    data = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in tensors.items()}
-    with atomic_path(path) as tmp:
-        save_file(data, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
-    return Path(path)
-
-
-def load_esd_weights(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Read an ESD weights file; errors name the file and what is wrong with it."""
-    path = Path(path)
-    if not path.is_file():
-        raise EsdError(f"--weights {path}: no such file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise EsdError(f"--weights {path}: not a readable safetensors file ({err})") from err
-    return tensors, metadata
-
-
-def apply_esd_weights(unet: torch.nn.Module, path: str | Path) -> dict[str, str]:
-    """Load an ESD weights file into `unet` in place, after checking every name and shape."""
-    tensors, metadata = load_esd_weights(path)
-    own = dict(unet.named_parameters())
-    unknown = [k for k in tensors if k not in own]
-    if unknown:
-        raise EsdError(f"--weights {path}: {len(unknown)} tensors are not parameters of this UNet, e.g. "
-                       f"{unknown[:3]}; was it made for another base model?")
-    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in tensors.items() if v.shape != own[k].shape]
-    if wrong:
-        raise EsdError(f"--weights {path}: shapes differ from this UNet's: {wrong[:3]}")
-    with torch.no_grad():
-        for name, value in tensors.items():
-            own[name].copy_(value.to(own[name].dtype))
-    return metadata

@@ -1,4 +1,4 @@
-"""Which UNet parameters each ESD method trains (DESIGN.md §1, parameter-set table).
+"""Which UNet parameters each ESD method trains (docs/design.md, "Parameter sets").
 
 Rules are written on diffusers UNet parameter names, by module role: `attn2` is cross-attention
 (text -> image), `attn1` self-attention; the top-level `time_embedding`/`time_proj`/`add_embedding`

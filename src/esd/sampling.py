@@ -4,10 +4,11 @@ A denoiser here is any callable `eps(x, t, cond) -> Tensor` giving the model's n
 (ε, or v for v-prediction models); the scheduler turns it into DDIM updates. Nothing in diffusers
 is patched: we call the UNet and `scheduler.step` ourselves and stop early.
 
-Step indexing (DESIGN.md §1): with N DDIM steps over T training timesteps, step k ∈ [0, N) is the
-band of timesteps [round(k/N·T), round((k+1)/N·T)). The DDIM grid has exactly one timestep τ_k in
-each band; "sampling till step k" runs the N−1−k updates from pure noise (at τ_{N−1}) down to τ_k.
-A larger k therefore means fewer denoising steps, a noisier x and a larger t, as in the 2023 code.
+Step indexing (docs/design.md, "DDIM step indexing"): with N DDIM steps over T training timesteps,
+step k ∈ [0, N) is the band of timesteps [round(k/N·T), round((k+1)/N·T)). The DDIM grid has exactly
+one timestep τ_k in each band; "sampling till step k" runs the N−1−k updates from pure noise (at
+τ_{N−1}) down to τ_k. A larger k therefore means fewer denoising steps, a noisier x and a larger t,
+as in the 2023 code.
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ def tiny_text_encoder(hidden_size: int = TEXT_DIM, **overrides) -> CLIPTextModel
 
 
 def tiny_scheduler() -> DDIMScheduler:
-    # SD's own schedule: plain DDIM from pure noise works with it (DESIGN.md §5).
+    # SD's own schedule: plain DDIM from pure noise works with it (docs/design.md, "The testbed", noise schedule).
     return DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,

@@ -26,7 +26,8 @@ from esd.evaluate.images import check_manifest, check_readable, image_records, w
 from esd.evaluate.prompts import read_labelled_prompts, write_prompt_csv
 from esd.evaluate.provenance import model_hashes, package_versions, sha256_file
 from esd.evaluate.report import Report, Table, beside, image_grid, save_image, side_by_side, write_report
-from esd.models import TESTBED, apply_esd_weights, atomic_path, load_pipeline, resolve_device
+from esd.models import TESTBED, load_pipeline, resolve_device
+from esd.weights import apply_esd_weights, atomic_path
 
 GRID_ROWS, GRID_COLS = 8, 4  # the report shows the first prompts and seeds only
 

@@ -15,7 +15,7 @@ from PIL import Image, UnidentifiedImageError
 
 from esd.errors import EsdError
 from esd.evaluate.generate import PromptRow
-from esd.models import atomic_path
+from esd.weights import atomic_path
 
 MANIFEST = "manifest.json"
 # Settings that change the images: a manifest that differs in one of them belongs to another run.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from esd.models import atomic_path
+from esd.weights import atomic_path
 
 CELL = 128  # grid cell side in pixels: small models' 32 px images are scaled up to stay visible
 GAP = 8

@@ -1,0 +1,180 @@
+"""Reading CompVis files: sniff the format, unpickle safely, tell the model family, pick the EMA weights.
+
+Nothing here needs diffusers: a file is read into a flat dict of tensors and inspected by key names
+and shapes only.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from esd.errors import EsdError
+
+log = logging.getLogger(__name__)
+
+UNET_PREFIX = "model.diffusion_model."
+EMA_PREFIX = "model_ema."
+VAE_PREFIX = "first_stage_model."
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
+COMPVIS_SUFFIXES = PICKLE_SUFFIXES | {".safetensors"}
+N_SHOWN = 5  # how many offending keys an error message lists
+
+
+def first_keys(keys, n: int = N_SHOWN) -> str:
+    """The first `n` keys for an error message, and how many more there are."""
+    keys = list(keys)
+    more = f" (and {len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+# ------------------------------------------------------------------------------------- reading
+
+
+def _sniff(path: Path) -> str:
+    """'safetensors', 'pickle' or 'unknown', from the first bytes (suffixes lie, content does not)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 0:
+        return "safetensors"  # u64 header length, then the JSON header
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return "pickle"  # torch's zip format, or the legacy format (a raw pickle stream)
+    return "unknown"
+
+
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise EsdError(f"{path}: truncated or corrupt safetensors file ({err})") from err
+
+
+def _read_pickle(path: Path) -> dict:
+    # weights_only=True: the unpickler only builds tensors and plain containers and never runs code
+    # a file names; anything else is refused, which is the point.
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        detail = next((ln.strip() for ln in str(err).splitlines() if "Unsupported global" in ln), "")
+        raise EsdError(
+            f"{path}: the pickle holds Python objects other than tensors ({detail or 'refused by weights_only'}); "
+            "it was not loaded, so none of its code ran. Re-save only its state_dict, or use a .safetensors file"
+        ) from err
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
+        raise EsdError(f"{path}: truncated or corrupt PyTorch checkpoint ({str(err).splitlines()[0]})") from err
+    while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]  # Lightning checkpoints nest the weights, sometimes twice
+    if not isinstance(obj, dict):
+        raise EsdError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors")
+    return obj
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
+    """Read a CompVis checkpoint (`.ckpt`/`.pt` pickle or `.safetensors`) into a flat dict of tensors.
+
+    Pickles are read with `weights_only=True`, so no code in the file ever runs. Raises `EsdError`
+    naming the file for: a missing or unknown file, a truncated one, a pickle of other objects, and
+    a file without Stable Diffusion UNet tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise EsdError(f"{path}: no such file")
+    kind = _sniff(path)
+    if kind == "unknown":
+        raise EsdError(f"{path}: neither a PyTorch checkpoint (pickle/zip) nor a safetensors file")
+    raw = _read_safetensors(path) if kind == "safetensors" else _read_pickle(path)
+    tensors = {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, Tensor)}
+    if len(tensors) < len(raw):
+        log.info("%s: ignoring %d non-tensor entries", path, len(raw) - len(tensors))
+    if not any(k.startswith((UNET_PREFIX, EMA_PREFIX)) for k in tensors):
+        hint = " (diffusers UNet names: pass the diffusers folder instead)" if "conv_in.weight" in tensors else ""
+        raise EsdError(
+            f"{path}: not a Stable Diffusion checkpoint, no '{UNET_PREFIX}*' tensors{hint}; "
+            f"first keys: {first_keys(sorted(tensors)) or 'none'}"
+        )
+    return tensors
+
+
+# ------------------------------------------------------------------------------ family and EMA
+
+
+def _context_dim(state_dict: dict[str, Tensor]) -> int | None:
+    """The UNet's cross-attention width: the text embedding size the model was trained with."""
+    for key, value in state_dict.items():
+        if key.startswith(UNET_PREFIX) and key.endswith("attn2.to_k.weight"):
+            return int(value.shape[1])
+    return None
+
+
+def _sd2_kind(name: str | None) -> str:
+    # SD2 ships as 768-v (v-prediction, 768 px) and 512-base (ε, 512 px) with identical tensor
+    # shapes, so only the file name can hint. 768-v is the flagship (2.0, 2.1): the default.
+    lowered = (name or "").lower()
+    family = "sd2" if ("512" in lowered or "base" in lowered) else "sd2-v"
+    log.warning("%s: an SD2.x checkpoint; assuming %s (%s) from its name; pass --config to choose", name, family,
+                "ε-prediction, 512 px" if family == "sd2" else "v-prediction, 768 px")
+    return family
+
+
+def detect_family(state_dict: dict[str, Tensor], name: str | None = None) -> str:
+    """'sd1' | 'sd2' | 'sd2-v' | 'sdxl', from which text encoders the file holds (UNet width as fallback).
+
+    ε vs v-prediction cannot be told from SD2 weights: a file name with '512' or 'base' gives 'sd2',
+    anything else 'sd2-v' (SD 2.0/2.1 768-v, the common case). `--config` overrides the guess.
+    """
+    prefixes = {".".join(k.split(".")[:4]) + "." for k in state_dict}  # enough to tell every prefix below
+
+    def has(prefix: str) -> bool:
+        return any(p.startswith(prefix) for p in prefixes)
+
+    if has("conditioner.embedders.1.model.") or has("conditioner.embedders.0.transformer."):
+        return "sdxl"
+    if has("conditioner.embedders.0.model."):
+        raise EsdError(f"{name}: an SDXL refiner checkpoint; only base models are supported")
+    if has("cond_stage_model.model."):
+        return _sd2_kind(name)
+    if has("cond_stage_model.transformer."):
+        return "sd1"
+    by_width = {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(_context_dim(state_dict))
+    if by_width is None:
+        raise EsdError(f"{name}: cannot tell the model family (no known text encoder keys, cross-attention "
+                       f"width {_context_dim(state_dict)}); pass --config DIR with a matching diffusers config")
+    return _sd2_kind(name) if by_width == "sd2" else by_width
+
+
+def ema_key(key: str) -> str:
+    """The EMA twin of a UNet key: LitEma stores 'model.diffusion_model.a.b' as 'model_ema.diffusion_modelab'."""
+    return EMA_PREFIX + key.removeprefix("model.").replace(".", "")
+
+
+def has_ema(state_dict: dict[str, Tensor]) -> bool:
+    """True when the file carries an EMA copy of the UNet (not just LitEma's decay/num_updates)."""
+    return any(k.startswith(EMA_PREFIX + "diffusion_model") for k in state_dict)
+
+
+def use_ema_weights(state_dict: dict[str, Tensor], name: str | Path | None = None) -> dict[str, Tensor]:
+    """Return the state dict with the UNet tensors taken from `model_ema.*` when the file has them.
+
+    The EMA weights are what people sample with (the 2023 ESD code fine-tuned the raw ones by
+    accident, see docs/design.md, "Traps in the original code"); a partial EMA copy is an error, not a
+    silent mix.
+    """
+    if not has_ema(state_dict):
+        return state_dict
+    unet_keys = [k for k in state_dict if k.startswith(UNET_PREFIX)]
+    missing = [k for k in unet_keys if ema_key(k) not in state_dict]
+    if missing or not unet_keys:
+        raise EsdError(f"{name}: has EMA weights (model_ema.*) but not for every UNet tensor: "
+                       f"{first_keys(missing) or 'no model.diffusion_model.* keys to name them'}")
+    out = dict(state_dict)
+    out.update({k: state_dict[ema_key(k)] for k in unet_keys})
+    log.info("%s: using the EMA weights (model_ema.*) for the UNet", name)
+    return out

@@ -1,0 +1,205 @@
+"""diffusers -> CompVis files, and `convert` between CompVis files and diffusers folders.
+
+Every write is atomic (nothing at DST unless everything succeeded). Given the original CompVis file, an
+export keeps every tensor of it and replaces only the UNet (and its EMA copy), in the original's dtypes;
+without one, the file holds what the diffusers pipeline holds, which for SD2.x is less than the original.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from esd.compvis.keys import TEXT_PREFIXES, diffusers_to_compvis
+from esd.compvis.loading import pipeline_from_state_dict, resolve_config
+from esd.compvis.reading import (
+    COMPVIS_SUFFIXES,
+    PICKLE_SUFFIXES,
+    UNET_PREFIX,
+    ema_key,
+    first_keys,
+    has_ema,
+    read_checkpoint,
+    use_ema_weights,
+)
+from esd.errors import EsdError
+from esd.weights import apply_esd_weights, atomic_path
+
+log = logging.getLogger(__name__)
+
+TO_CHOICES = ("compvis", "diffusers", "diffusers-unet")
+
+
+# ------------------------------------------------------------------------------------ saving
+
+
+def _merge_into_base(state_dict: dict[str, Tensor], base: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The base file's tensors with its UNet (and EMA twin, if any) replaced by `state_dict`'s UNet."""
+    unet = {k: v for k, v in state_dict.items() if k.startswith(UNET_PREFIX)}
+    base_unet = [k for k in base if k.startswith(UNET_PREFIX)]
+    extra = [k for k in unet if k not in base]
+    lacking = [k for k in base_unet if k not in unet]
+    wrong = [k for k in unet if k in base and base[k].shape != unet[k].shape]
+    if extra or lacking or wrong:
+        raise EsdError(f"the UNet does not fit the base checkpoint: new {first_keys(extra)}; "
+                       f"absent {first_keys(lacking)}; shapes differ {first_keys(wrong)}")
+    out = dict(base)
+    if has_ema(base):
+        log.info("writing the new UNet into both model.diffusion_model.* and its EMA copy model_ema.*")
+    for key, value in unet.items():
+        value = value.to(base[key].dtype)  # keep the original's precision and file size
+        out[key] = value
+        if ema_key(key) in base:  # else tools reading the EMA copy would get the old, un-erased UNet
+            out[ema_key(key)] = value
+    return out
+
+
+def save_compvis(state_dict: dict[str, Tensor], path: str | Path, base: dict[str, Tensor] | None = None,
+                 metadata: dict[str, str] | None = None) -> Path:
+    """Write a CompVis file atomically: `.ckpt`/`.pt` as a pickled {'state_dict': ...}, else safetensors.
+
+    With `base` (the original checkpoint's tensors) the output holds every tensor of the original,
+    its UNet replaced by the one in `state_dict`.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors = _merge_into_base(state_dict, base) if base is not None else state_dict
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        if path.suffix in PICKLE_SUFFIXES:
+            torch.save({"state_dict": tensors}, tmp)
+        else:
+            save_file(_unshare(tensors), str(tmp), metadata={"format": "pt", **(metadata or {})})
+    return path
+
+
+def _unshare(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    # safetensors refuses two names on one storage (the EMA twin written above); copy the repeats.
+    seen: set[int] = set()
+    out = {}
+    for key, value in tensors.items():
+        ptr = value.untyped_storage().data_ptr()
+        out[key] = value.clone() if ptr in seen and value.numel() else value
+        seen.add(ptr)
+    return out
+
+
+def warn_if_sd2_incomplete(state_dict: dict[str, Tensor], path: str | Path) -> bool:
+    """Say so when an SD2.x file is written without the text encoder's last layer and projection.
+
+    diffusers keeps only the OpenCLIP layers SD2 uses (it reads the penultimate layer's output), so an
+    export from a diffusers pipeline lacks the last `resblocks` layer and `text_projection`. Stable Diffusion
+    never reads them and the images are the same, but loaders notice (ComfyUI prints "clip missing: 18").
+    Exporting with the original CompVis file as the base keeps them. Returns whether it warned.
+    """
+    prefix = TEXT_PREFIXES["sd2"]["text_encoder"]
+    if not any(k.startswith(prefix) for k in state_dict) or f"{prefix}text_projection" in state_dict:
+        return False
+    blocks = f"{prefix}transformer.resblocks."
+    n_layers = 1 + max((int(k[len(blocks):].split(".")[0]) for k in state_dict if k.startswith(blocks)), default=-1)
+    log.warning("%s: an SD2.x file made from a diffusers pipeline lacks the text encoder's unused last layer "
+                "(%s%d.*) and %stext_projection, which diffusers does not keep. Images are the same, but loaders "
+                "may report missing CLIP tensors (ComfyUI: \"clip missing: 18\"); export from the original CompVis "
+                "file (as the base model, or as convert's SRC) to keep them", path, blocks, n_layers, prefix)
+    return True
+
+
+def write_pipeline(pipe, dst: str | Path, base: dict[str, Tensor] | None = None,
+                   dtype: torch.dtype | None = None) -> Path:
+    """Write `pipe` as one CompVis file; with `base` (the original's tensors) all but its UNet come from it.
+
+    `dtype` casts every floating tensor of the pipeline (the base's own dtypes win where it has them).
+    """
+    state = diffusers_to_compvis(pipe)
+    if dtype is not None:
+        state = {k: v.to("cpu", dtype) if v.is_floating_point() else v for k, v in state.items()}
+    if base is None:
+        warn_if_sd2_incomplete(state, dst)
+    return save_compvis(state, dst, base=base)
+
+
+def export_pipeline(pipe, dst: str | Path, base_file: str | Path | None = None,
+                    dtype: torch.dtype | None = None) -> Path:
+    """Write `pipe` as one CompVis file; a CompVis `base_file` contributes every tensor but the UNet.
+
+    `dtype` casts every floating tensor (a model trained with half-precision frozen weights is written in
+    one precision); with a base file, the base's own dtypes win.
+    """
+    base = None
+    if base_file is not None and Path(base_file).is_file():
+        base = read_checkpoint(base_file)
+    return write_pipeline(pipe, dst, base, dtype)
+
+
+# ---------------------------------------------------------------------------------- convert
+
+
+def _load_source(src: Path, config: str | Path | None, dtype: torch.dtype):
+    """(pipeline, the original CompVis tensors or None) from a CompVis file or a diffusers folder."""
+    if src.is_dir():
+        from diffusers import DiffusionPipeline
+
+        if not (src / "model_index.json").is_file():
+            raise EsdError(f"{src}: not a diffusers pipeline folder (no model_index.json)")
+        dtype_kwargs = {} if dtype == torch.float32 else {"dtype": dtype}
+        return DiffusionPipeline.from_pretrained(str(src), local_files_only=True, **dtype_kwargs), None
+    base = read_checkpoint(src)
+    state_dict = use_ema_weights(base, src)
+    config_dir, original_config = resolve_config(None, config, state_dict, src)
+    return pipeline_from_state_dict(state_dict, config_dir, original_config, dtype, name=src), base
+
+
+def _target(dst: Path, to: str | None) -> str:
+    if to is None:
+        to = "compvis" if dst.suffix in COMPVIS_SUFFIXES else "diffusers"
+    if to not in TO_CHOICES:
+        raise EsdError(f"--to {to}: choose from {', '.join(TO_CHOICES)}")
+    if to == "compvis" and dst.suffix not in COMPVIS_SUFFIXES:
+        raise EsdError(f"{dst}: a CompVis file must end in .safetensors or .ckpt")
+    if to != "compvis" and dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise EsdError(f"{dst}: exists and is not an empty folder; choose a new output folder")
+    return to
+
+
+def _save_folder(model, dst: Path) -> None:
+    """`save_pretrained` into a temporary sibling folder, then move it into place in one step."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        model.save_pretrained(str(tmp))
+        if dst.is_dir():
+            dst.rmdir()  # empty (checked before any work); os.replace cannot replace a folder
+        os.replace(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def convert(src: str | Path, dst: str | Path, weights: str | Path | None = None, to: str | None = None,
+            config: str | Path | None = None, torch_dtype: torch.dtype = torch.float32) -> Path:
+    """Convert SRC (CompVis file or diffusers folder), optionally with ESD weights applied, to DST.
+
+    to: 'compvis' (default when DST ends in .safetensors/.ckpt), 'diffusers' (a pipeline folder) or
+    'diffusers-unet' (the UNet folder only). A CompVis -> CompVis conversion keeps every tensor of
+    SRC and replaces only the UNet. Nothing is written unless everything succeeded.
+    """
+    src, dst = Path(src), Path(dst)
+    target = _target(dst, to)
+    if not src.exists():
+        raise EsdError(f"{src}: no such file or folder")
+    pipe, base = _load_source(src, config, torch_dtype)
+    if weights is not None:
+        apply_esd_weights(pipe.unet, weights)
+    if target == "compvis":
+        write_pipeline(pipe, dst, base)
+    elif target == "diffusers":
+        _save_folder(pipe, dst)
+    else:
+        _save_folder(pipe.unet, dst)
+    return dst
