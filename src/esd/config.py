@@ -15,7 +15,7 @@ from typing import Literal, get_args
 
 from esd.errors import EsdError
 
-# Parameter sets (DESIGN.md §1). Aliases are the names the paper and the 2025 code use.
+# Parameter sets (docs/design.md, "Parameter sets"). Aliases are the names the paper and the 2025 code use.
 Method = Literal["xattn", "noxattn", "selfattn", "full", "notime", "xlayer", "selflayer", "x-strict"]
 METHOD_ALIASES = {"esd-x": "xattn", "esd-u": "noxattn", "esd-all": "full", "esd-x-strict": "x-strict"}
 METHOD_CHOICES = [*get_args(Method), *METHOD_ALIASES]
@@ -73,6 +73,11 @@ class EraseConfig:
                                                  "paper) or frozen (the 2025 code)", default="esd",
                                                  meta={"choices": ["esd", "frozen"]})
     batch_size: int = _opt("examples (w, k, z_T) per Adam step, per process (paper: 1)", default=1)
+    lr_schedule: Literal["constant", "cosine"] = _opt(
+        "learning rate over the run: constant (the paper) or cosine decay to 0, which lets a run at a large "
+        "--lr settle instead of ending mid-oscillation", default="constant", meta={"choices": ["constant", "cosine"]})
+    grad_clip: float = _opt("clip the gradient norm of the trained parameters to this value (0: off, the paper)",
+                            default=0.0)
     precision: Literal["fp32", "bf16", "fp16"] = _opt(
         "weights of the frozen part of the UNet: fp32, or bf16/fp16 (GPU; trained parameters and Adam state stay "
         "fp32, forwards run under autocast)", default="fp32", meta={"choices": ["fp32", "bf16", "fp16"]})
@@ -124,7 +129,10 @@ class EraseConfig:
                 raise EsdError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
         if self.image_size is not None and (self.image_size < 8 or self.image_size % 8):
             raise EsdError(f"--image-size must be a positive multiple of 8, got {self.image_size}")
+        if not math.isfinite(self.grad_clip) or self.grad_clip < 0:
+            raise EsdError(f"--grad-clip must be a finite number >= 0 (0: off), got {self.grad_clip}")
         for name, choices in (("sample_from", ("esd", "frozen")), ("precision", ("fp32", "bf16", "fp16")),
+                              ("lr_schedule", ("constant", "cosine")),
                               ("compvis_format", ("safetensors", "ckpt"))):
             if getattr(self, name) not in choices:
                 raise EsdError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import random
 import time
 from collections.abc import Callable
@@ -44,6 +45,7 @@ from esd.models import (
     model_family,
     model_notes,
     prediction_type,
+    recommended_settings,
     resolve_device,
     save_esd_weights,
 )
@@ -151,6 +153,17 @@ def draw_example(cfg: EraseConfig, conds: dict[str, Cond], sampler: Denoiser, fr
     return Example(w, k, x_t, t, prompt, esd_target(eps_null, eps_concept, cfg.eta, eps_context))
 
 
+def lr_factor(cfg: EraseConfig, step: int) -> float:
+    """Multiplier of --lr at optimizer step `step`: 1 (constant, the paper) or a cosine decay to 0 over the run.
+
+    With the large learning rates a small model needs, a constant-lr run ends wherever its last noisy steps
+    left it; decaying the rate lets θ settle (measured in docs/testbed.md).
+    """
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * min(step, cfg.iterations) / cfg.iterations))
+
+
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -225,11 +238,12 @@ def setup(cfg: EraseConfig, pipe, explicit: set[str] | None, progress: bool) -> 
     pipe = pipe if pipe is not None else load_pipeline(cfg.model, "cpu" if half else device, config=cfg.config)
     applied = {}
     if explicit is not None:
-        cfg, applied = cfg.with_defaults(model_notes(pipe).get("erase_defaults", {}), explicit)
+        recommended, kind = recommended_settings(model_notes(pipe), cfg.concepts)
+        cfg, applied = cfg.with_defaults(recommended, explicit)
         cfg.validate()
         if applied and progress:
-            tqdm.write("settings recommended by the model folder's esd.json (override with flags): "
-                       + ", ".join(f"{k}={v}" for k, v in applied.items()))
+            tqdm.write(f"settings recommended by the model folder's esd.json{f' for a {kind}' if kind else ''} "
+                       "(override with flags): " + ", ".join(f"{k}={v}" for k, v in applied.items()))
     params, trained, frozen = prepare_unet(cfg, pipe.unet, device)
     for part in ("text_encoder", "text_encoder_2", "vae"):  # frozen helpers: weight dtype, on the device
         if getattr(pipe, part, None) is not None:
@@ -263,6 +277,7 @@ def erase(cfg: EraseConfig, pipe=None, progress: bool = True,
         before = before_images(pipe, cfg, s.size) if d.main else []  # θ still at its original values
 
     optimizer = torch.optim.Adam(params.values(), lr=cfg.lr)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, cfg))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")  # fp16 gradients underflow
     slots = [Slot.seeded(seed) for seed in example_seeds(cfg.seed, d.rank, cfg.batch_size)]
     result = EraseResult(output=out, trained=list(params), config=cfg, model_defaults=s.applied)
@@ -284,8 +299,12 @@ def erase(cfg: EraseConfig, pipe=None, progress: bool = True,
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         average_gradients(params.values(), d.world)
+        if cfg.grad_clip:  # opt-in: bounds the step a single noisy example can take
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
         scaler.step(optimizer)
         scaler.update()
+        lr_schedule.step()
         result.losses.append(shown.item())
         bar.set_postfix(loss=f"{shown.item():.4f}", concept=batch[0].concept[:20])
         if d.main and cfg.save_every and (i + 1) % cfg.save_every == 0 and i + 1 < cfg.iterations:

@@ -145,7 +145,8 @@ def default_image_size(pipe) -> int:
 
 
 def model_notes(pipe) -> dict:
-    """A model folder may ship `esd.json`: {"grid_prompts": [...], "erase_defaults": {field: value}}."""
+    """A model folder may ship `esd.json`: {"grid_prompts": [...], "erase_defaults": {field: value}, and
+    optionally "concept_kinds" / "erase_defaults_by_kind" (see `recommended_settings`)}."""
     source = Path(getattr(pipe, "esd_source", "") or "")
     spec = source / "esd.json" if source.is_dir() else None
     if spec is None or not spec.exists():
@@ -154,6 +155,25 @@ def model_notes(pipe) -> dict:
         return json.loads(spec.read_text())
     except json.JSONDecodeError as err:
         raise EsdError(f"{spec}: not valid JSON ({err})") from err
+
+
+def recommended_settings(notes: dict, concepts: list[str]) -> tuple[dict, str | None]:
+    """The erase settings a model folder recommends for these concepts, and the kind they were chosen for.
+
+    `esd.json` may name kinds of concept (`"concept_kinds": {"shape": ["circle", ...], ...}`) with settings
+    for each (`"erase_defaults_by_kind"`); when every concept names a word of the same kind ("circle",
+    "a red circle"), that kind's settings win over the generic `"erase_defaults"`.
+    """
+    generic = dict(notes.get("erase_defaults", {}))
+    kinds = notes.get("concept_kinds", {})
+    found = set()
+    for concept in concepts:
+        words = set(concept.lower().replace(",", " ").split())
+        found |= {kind for kind, members in kinds.items() if words & set(members)}
+    if len(found) != 1:
+        return generic, None
+    kind = found.pop()
+    return {**generic, **notes.get("erase_defaults_by_kind", {}).get(kind, {})}, kind
 
 
 def grid_prompts(pipe) -> list[str]:
