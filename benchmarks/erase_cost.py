@@ -52,11 +52,12 @@ def build_pipeline(size: str):
         from diffusers import UNet2DConditionModel
 
         from esd.compvis import CONFIGS as CONFIG_DIR
+        from esd.models import sd_pipeline
 
         torch.manual_seed(0)
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(CONFIG_DIR / "sd1" / "unet"))
         text = tiny.tiny_text_encoder(hidden_size=768)  # SD1.x's width; depth does not matter here
-        return tiny.sd_pipeline(tiny.tiny_vae(), text, unet)
+        return sd_pipeline(tiny.tiny_vae(), text, unet)
     sys.exit(f"unknown --size {size}")
 
 

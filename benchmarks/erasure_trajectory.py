@@ -24,7 +24,7 @@ import torch
 from esd.cli import add_config_arguments, config_from_args
 from esd.erase import erase
 from esd.models import TESTBED, load_pipeline
-from esd.params import trainable_names
+from esd.selection import trainable_names
 from esd.testbed.evaluate import evaluate_testbed
 
 

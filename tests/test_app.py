@@ -8,7 +8,9 @@ import torch
 
 pytest.importorskip("gradio", reason="the app needs Gradio: pip install -e '.[app]'")
 
-from esd import app as A  # noqa: E402
+from esd import app as A  # noqa: E402  (the page and the command)
+from esd import app_runs as R  # noqa: E402  (run folders)
+from esd import app_state as S  # noqa: E402  (the model, erase, compare, export, evaluate)
 from esd.config import METHOD_CHOICES, EraseConfig  # noqa: E402
 from esd.errors import EsdError  # noqa: E402
 
@@ -21,7 +23,7 @@ QUICK = {"concept": "circle", "method": "xattn", "iterations": 4, "eta": 1.0, "s
 def app(tmp_path_factory):
     from esd.models import load_pipeline
 
-    return A.EsdApp(load_pipeline(None), tmp_path_factory.mktemp("app-out"))
+    return S.EsdApp(load_pipeline(None), tmp_path_factory.mktemp("app-out"))
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +44,8 @@ def _wait(job, timeout: float = 120) -> None:
 def test_form_is_built_from_erase_config():
     defaults = {f.name: f.default for f in dataclasses.fields(EraseConfig)}
     specs = {name: (kind, default, help_text, choices)
-             for name, kind, default, help_text, choices in A.config_fields(A.FORM_FIELDS + A.ADVANCED_FIELDS)}
-    assert set(specs) == set(A.FORM_FIELDS + A.ADVANCED_FIELDS)
+             for name, kind, default, help_text, choices in S.config_fields(S.FORM_FIELDS + S.ADVANCED_FIELDS)}
+    assert set(specs) == set(S.FORM_FIELDS + S.ADVANCED_FIELDS)
     for name, (_, default, help_text, _) in specs.items():
         assert default == defaults[name] and help_text  # same default, help text from the field metadata
     assert specs["method"][3] == METHOD_CHOICES
@@ -51,32 +53,32 @@ def test_form_is_built_from_erase_config():
 
 
 def test_form_starts_from_the_model_folders_recommended_settings(app, monkeypatch):
-    import esd.app
+    import esd.app_state
 
-    monkeypatch.setattr(esd.app, "model_notes", lambda pipe: {"erase_defaults": {"iterations": 60, "lr": 1e-3}})
-    specs = {name: (default, help_text) for name, _, default, help_text, _ in app.form_fields(A.FORM_FIELDS)}
+    monkeypatch.setattr(esd.app_state, "model_notes", lambda pipe: {"erase_defaults": {"iterations": 60, "lr": 1e-3}})
+    specs = {name: (default, help_text) for name, _, default, help_text, _ in app.form_fields(S.FORM_FIELDS)}
     assert specs["iterations"][0] == 60 and "recommends 60" in specs["iterations"][1]
     assert specs["lr"][0] == 1e-3 and specs["eta"][0] == EraseConfig().eta
 
 
 def test_form_validation_goes_through_erase_config(tmp_path):
-    ok = A.config_from_form({**QUICK, "separator": "", "erase_from": " "}, tmp_path / "run", "cpu")
+    ok = S.config_from_form({**QUICK, "separator": "", "erase_from": " "}, tmp_path / "run", "cpu")
     assert ok.separator is None and ok.erase_from is None and ok.output == str(tmp_path / "run")
     for bad, words in [({"concept": " "}, "concept"), ({"method": "xatn"}, "method"), ({"lr": 0}, "lr"),
                        ({"lr": "fast"}, "lr"), ({"iterations": 2.5}, "whole"), ({"eta": float("nan")}, "eta"),
-                       ({"iterations": A.MAX_ITERATIONS + 1}, "at most"), ({"ddim_steps": 10_000}, "at most"),
+                       ({"iterations": S.MAX_ITERATIONS + 1}, "at most"), ({"ddim_steps": 10_000}, "at most"),
                        ({"output": "/etc"}, "not settable"), ({"device": "cuda"}, "not settable")]:
         with pytest.raises(EsdError, match=words):
-            A.config_from_form({**QUICK, **bad}, tmp_path / "run", "cpu")
+            S.config_from_form({**QUICK, **bad}, tmp_path / "run", "cpu")
 
 
 def test_erase_writes_a_run_and_restores_the_base_weights(app, finished_run):
     job, before = finished_run
     run = app.output_dir / job.run_name
     assert len(job.losses) == len(job.result.losses) == QUICK["iterations"]
-    assert {p.name for p in A.run_files(run)} == {"esd.safetensors", "README.md", "loss.png"}
-    assert A.list_runs(app.output_dir)[0] == job.run_name
-    cfg, meta = A.run_metadata(run)
+    assert {p.name for p in R.run_files(run)} == {"esd.safetensors", "README.md", "loss.png"}
+    assert R.list_runs(app.output_dir)[0] == job.run_name
+    cfg, meta = R.run_metadata(run)
     assert cfg.concept == "circle" and meta["step"] == str(QUICK["iterations"])
     after = dict(app.pipe.unet.named_parameters())
     assert all(torch.equal(value, after[n]) for n, value in before.items()), "base UNet not restored"
@@ -102,11 +104,11 @@ def test_compare_original_and_erased_same_seeds(app, finished_run):
 
 def test_caps_on_image_counts(app, finished_run):
     job, _ = finished_run
-    for steps, per_prompt in [(0, 1), (A.MAX_SAMPLE_STEPS + 1, 1), (5, A.MAX_IMAGES_PER_PROMPT + 1)]:
+    for steps, per_prompt in [(0, 1), (S.MAX_SAMPLE_STEPS + 1, 1), (5, S.MAX_IMAGES_PER_PROMPT + 1)]:
         with pytest.raises(EsdError, match="steps must be"):
             app.compare(job.run_name, "a circle", 0, steps, per_prompt)
     with pytest.raises(EsdError, match="seeds must be"):
-        app.evaluate(job.run_name, seeds=A.MAX_EVAL_SEEDS + 1, steps=5)
+        app.evaluate(job.run_name, seeds=S.MAX_EVAL_SEEDS + 1, steps=5)
     with pytest.raises(EsdError, match="no erased model"):
         app.compare("", "a circle", 0, 5, 1)
     with pytest.raises(EsdError, match="no erased model"):
@@ -126,7 +128,7 @@ def test_stop_keeps_progress_and_one_erase_at_a_time(app, finished_run):
         assert "Stopping" in app.request_stop()
     _wait(job)
     assert job.result.stopped_early and 1 <= len(job.losses) < 200
-    cfg, meta = A.run_metadata(app.output_dir / job.run_name)
+    cfg, meta = R.run_metadata(app.output_dir / job.run_name)
     assert meta["step"] == str(len(job.losses)) and cfg.iterations == 200
     assert "stopped early" in A.job_status(job)
     assert app.request_stop() == "No erase is running."
@@ -155,22 +157,22 @@ def test_erase_error_is_reported_and_frees_the_model(app, monkeypatch):
 
 def test_runs_are_addressed_by_name_inside_the_output_folder(app, finished_run, tmp_path):
     job, _ = finished_run
-    assert A.resolve_run(app.output_dir, job.run_name).parent == app.output_dir
+    assert R.resolve_run(app.output_dir, job.run_name).parent == app.output_dir
     for name in ["", ".", "..", "../x", "/etc", f"{job.run_name}/../{job.run_name}", "nope"]:
         with pytest.raises(EsdError):
-            A.resolve_run(app.output_dir, name)
+            R.resolve_run(app.output_dir, name)
     # A link from the output folder to a run elsewhere is refused, and so is a linked file inside a run.
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     (outside / "esd.safetensors").write_bytes(b"x")
     os.symlink(outside, app.output_dir / "linked")
     with pytest.raises(EsdError):
-        A.resolve_run(app.output_dir, "linked")
-    assert "linked" not in A.list_runs(app.output_dir)
+        R.resolve_run(app.output_dir, "linked")
+    assert "linked" not in R.list_runs(app.output_dir)
     run = app.output_dir / job.run_name
     os.symlink("/etc/hostname", run / "grid.png")
     try:
-        assert "grid.png" not in {p.name for p in A.run_files(run)}
+        assert "grid.png" not in {p.name for p in R.run_files(run)}
     finally:
         (run / "grid.png").unlink()
         (app.output_dir / "linked").unlink()
@@ -181,7 +183,7 @@ def test_save_tab_summary_and_compvis_export(app, finished_run):
     text, files = app.run_summary(job.run_name)
     assert "circle" in text and "xattn" in text
     path = app.export_compvis(job.run_name)
-    assert path.name == "compvis.safetensors" and path in A.run_files(path.parent)
+    assert path.name == "compvis.safetensors" and path in R.run_files(path.parent)
 
 
 def test_evaluate_tab_runs_the_testbed_suite(app, finished_run):
@@ -214,7 +216,7 @@ def test_page_sends_the_form_as_erase_config_fields_and_runs_one_model_task_at_a
     handlers = _handlers(demo)
     # Start sends one input per form field, in the order its handler zips them with the field names,
     # each starting from the EraseConfig default or the model folder's recommended value.
-    names = A.FORM_FIELDS + A.ADVANCED_FIELDS
+    names = S.FORM_FIELDS + S.ADVANCED_FIELDS
     start = handlers[("erase-start", "click")]
     assert [block.elem_id for block in start.inputs] == [f"cfg-{n.replace('_', '-')}" for n in names]
     recommended = model_notes(app.pipe).get("erase_defaults", {})

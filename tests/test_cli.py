@@ -100,6 +100,16 @@ def test_erase_help_states_each_default_once(capsys, monkeypatch):
     assert entries["--model"].endswith("(default: the shipped testbed)")  # the help's own wording, once
     assert "(default" not in entries["--concept"] and "(default" not in entries["--separator"]
     assert entries["--guidance-batch"].endswith("(default: True)")
+    # `esd app` uses the same formatter (it printed "(none: the shipped testbed) (default: None)").
+    with pytest.raises(SystemExit) as exit_info:
+        main(["app", "--help"])
+    assert exit_info.value.code == 0
+    app_entries = _help_entries(capsys.readouterr().out)
+    for flag, text in app_entries.items():
+        assert "(default: None)" not in text and text.count("(default:") <= 1, (flag, text)
+    assert app_entries["--model"].endswith("(default: the shipped testbed)")
+    assert app_entries["--host"].endswith("(default: 127.0.0.1)") and app_entries["--port"].endswith("(default: 7860)")
+    assert "(default" not in app_entries["--config"]
 
 
 def _help_entries(text: str) -> dict[str, str]:

@@ -12,8 +12,8 @@ from esd.erase import Slot, draw_example, erase
 from esd.errors import NonFiniteLossError
 from esd.frozen import copied_denoiser, original_values, swapped_denoiser
 from esd.models import encode_prompt
-from esd.params import select_parameters
 from esd.sampling import Cond, ddim_scheduler, sample_trajectory, unet_denoiser
+from esd.selection import select_parameters
 
 
 def _cfg(tmp_path, **kw):

@@ -25,8 +25,8 @@ from esd.erase import Slot, draw_example
 from esd.errors import EsdError
 from esd.frozen import copied_denoiser, original_values, swapped_denoiser
 from esd.models import default_image_size, encode_prompt, model_family, prediction_type
-from esd.params import RULES, group_table, select_parameters, trainable_names
 from esd.sampling import ddim_scheduler, sample_until, unet_denoiser
+from esd.selection import RULES, group_table, select_parameters, trainable_names
 from esd.tiny import tiny_sd2_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
 
 BUILDERS = {"sd2-v": tiny_sd2_pipeline, "sdxl": tiny_sdxl_pipeline}

@@ -14,7 +14,7 @@ from PIL import Image  # noqa: E402
 from esd.config import ETA_CONVENTION, EraseConfig  # noqa: E402
 from esd.evaluate.generate import DEFAULT_GUIDANCE, generate  # noqa: E402
 from esd.models import describe_model, grid_prompts  # noqa: E402
-from esd.params import group_table  # noqa: E402
+from esd.selection import group_table  # noqa: E402
 from esd.weights import atomic_path  # noqa: E402
 
 GRID_SEEDS = (0, 1)

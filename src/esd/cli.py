@@ -19,30 +19,12 @@ from esd.config import EraseConfig
 from esd.errors import EsdError, NonFiniteLossError
 from esd.evaluate import command as evaluate_command
 from esd.evaluate.generate import DEFAULT_GUIDANCE, DEFAULT_STEPS
+from esd.helpformat import DefaultsOnceFormatter
 from esd.testbed import cli as testbed_command
 
 # Sub-commands that live with their feature and add themselves to the parser. Imported plainly: a
 # module that fails to import stops `esd` with its traceback instead of its sub-command vanishing.
 FEATURE_COMMANDS = (testbed_command.register, evaluate_command.register, app_command.register)
-
-
-class DefaultsOnceFormatter(argparse.HelpFormatter):
-    """Help that states each flag's default once, and only a default worth stating.
-
-    argparse's ArgumentDefaultsHelpFormatter appends "(default: X)" to every flag, also to help texts that
-    already say what the default means ("(default: the shipped testbed)") and to flags whose default is
-    None or "" (which reads "(default: None)", "(default: )").
-    """
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if "(default" in text or "%(default)" in text:  # the help says it already (or argparse will)
-            return text
-        if action.default in (None, "", argparse.SUPPRESS):
-            return text
-        if not action.option_strings and action.nargs not in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
-            return text  # a required positional has no default
-        return f"{text} (default: %(default)s)"
 
 
 def _flag(name: str) -> str:

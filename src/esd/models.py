@@ -15,12 +15,13 @@ import torch
 
 from esd.errors import EsdError
 from esd.sampling import Cond
+from esd.shipped import check_testbed, testbed_path
 
 # re-exported for esd.erase, esd.testbed.cli and tests/test_testbed*.py; import from esd.weights
 from esd.weights import apply_esd_weights, save_esd_weights  # noqa: F401
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-TESTBED = REPO_ROOT / "models" / "testbed"
+# models/testbed/ in a checkout, the copy inside an installed wheel, or $ESD_TESTBED (esd.shipped).
+TESTBED = testbed_path()
 SINGLE_FILE_SUFFIXES = {".ckpt", ".safetensors", ".pt", ".pth", ".bin"}
 GENERIC_GRID_PROMPTS = ["a photo of a dog", "a city street at night", "a bowl of fruit on a wooden table"]
 
@@ -69,10 +70,7 @@ def load_pipeline(model: str | None = None, device: torch.device | str = "cpu", 
     from diffusers import DDIMScheduler, DiffusionPipeline
 
     if model is None:
-        if not (TESTBED / "model_index.json").exists():
-            raise EsdError(f"no --model given and the testbed is missing at {TESTBED}; pass --model "
-                           "(a Hugging Face id, a diffusers folder or a .ckpt/.safetensors file)")
-        model = str(TESTBED)
+        model = str(check_testbed(TESTBED))
     path = Path(model).expanduser()
     if path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES:
         from esd import compvis  # single-file support lives with the CompVis conversion
@@ -101,6 +99,48 @@ def load_pipeline(model: str | None = None, device: torch.device | str = "cpu", 
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     pipe.esd_source = model  # where it came from, for metadata and model cards
+    return pipe
+
+
+def sd_scheduler():
+    """SD's own DDIM noise schedule (scaled-linear betas 0.00085..0.012 over 1000 steps, ε-prediction).
+
+    Plain DDIM from pure noise works with it (docs/design.md, "The testbed", noise schedule).
+    """
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        num_train_timesteps=1000,
+    )
+
+
+def sd_pipeline(vae, text_encoder, unet, scheduler=None, tokenizer=None):
+    """An SD1.x/SD2.x `StableDiffusionPipeline` from its parts: no safety checker, progress bars off.
+
+    The one place that assembles one (the tiny test models, testbed training, benchmarks); the scheduler
+    defaults to `sd_scheduler()`, the tokenizer to the shipped CLIP one.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    from esd.tokenizer import clip_tokenizer
+
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer() if tokenizer is None else tokenizer,
+        unet=unet,
+        scheduler=sd_scheduler() if scheduler is None else scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
     return pipe
 
 

@@ -10,6 +10,10 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+# Assembling an SD pipeline and SD's noise schedule are not tiny: they live in esd.models. They stay
+# importable from here under their old names (sd_pipeline, tiny_scheduler) for esd.testbed.recipe.
+from esd.models import sd_pipeline, sd_scheduler
+from esd.models import sd_scheduler as tiny_scheduler  # noqa: F401  (the re-export above)
 from esd.tokenizer import clip_tokenizer
 
 TEXT_DIM = 32
@@ -63,35 +67,6 @@ def tiny_text_encoder(hidden_size: int = TEXT_DIM, **overrides) -> CLIPTextModel
     return CLIPTextModel(CLIPTextConfig(**{**config, **overrides}))
 
 
-def tiny_scheduler() -> DDIMScheduler:
-    # SD's own schedule: plain DDIM from pure noise works with it (docs/design.md, "The testbed", noise schedule).
-    return DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        num_train_timesteps=1000,
-    )
-
-
-def sd_pipeline(vae, text_encoder, unet, scheduler=None, tokenizer=None) -> StableDiffusionPipeline:
-    """An SD1.x/SD2.x pipeline from its parts: no safety checker, progress bars off (tests, testbed, benchmarks)."""
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=clip_tokenizer() if tokenizer is None else tokenizer,
-        unet=unet,
-        scheduler=tiny_scheduler() if scheduler is None else scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     """A complete SD1.x-layout pipeline, 64x64 px images, random weights from `seed`."""
     torch.manual_seed(seed)
@@ -127,7 +102,7 @@ def tiny_sd2_pipeline(
     unet = tiny_unet(use_linear_projection=True, attention_head_dim=heads, **layout)
     text_encoder = tiny_text_encoder(hidden_act="gelu")
     scheduler = DDIMScheduler.from_config(
-        tiny_scheduler().config, prediction_type="v_prediction" if v_prediction else "epsilon"
+        sd_scheduler().config, prediction_type="v_prediction" if v_prediction else "epsilon"
     )
     # SD2's tokenizer pads with "!" (id 0), not <|endoftext|>
     return sd_pipeline(tiny_vae(), text_encoder, unet, scheduler, tokenizer=clip_tokenizer(pad_token="!"))
@@ -163,7 +138,7 @@ def tiny_sdxl_pipeline(seed: int = 0, n_blocks: int = 2, layers_per_block: int =
         tokenizer=clip_tokenizer(),
         tokenizer_2=clip_tokenizer(pad_token="!"),
         unet=unet,
-        scheduler=tiny_scheduler(),
+        scheduler=sd_scheduler(),
         force_zeros_for_empty_prompt=True,
     )
     pipe.set_progress_bar_config(disable=True)

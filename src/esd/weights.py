@@ -7,6 +7,10 @@ against the UNet first, so a file made for another base model is an error, never
 Every file the project writes goes through `atomic_path`: a reader (or a crash) sees the old file or
 the new one, never half of one. This module needs no model loader, so the CompVis converter, the
 evaluation code and the trainer can all use it without importing each other.
+
+`snapshot_parameters`/`restore_parameters` and `applied_weights` let one loaded UNet serve as both the
+original and an erased model (the app): a weights file is applied for a block and the UNet's own values
+are put back after it.
 """
 
 from __future__ import annotations
@@ -80,3 +84,30 @@ def apply_esd_weights(unet: torch.nn.Module, path: str | Path) -> dict[str, str]
         for name, value in tensors.items():
             own[name].copy_(value.to(own[name].dtype))
     return metadata
+
+
+def snapshot_parameters(unet: torch.nn.Module, names: list[str]) -> dict[str, Tensor]:
+    """CPU copies of the named parameters, to put back later."""
+    return {name: unet.get_parameter(name).detach().to("cpu", copy=True) for name in names}
+
+
+@torch.no_grad()
+def restore_parameters(unet: torch.nn.Module, saved: dict[str, Tensor]) -> None:
+    """Put saved values back and drop gradients left by training."""
+    for name, value in saved.items():
+        param = unet.get_parameter(name)
+        param.copy_(value.to(param.device, param.dtype))
+        param.grad = None
+
+
+@contextlib.contextmanager
+def applied_weights(unet: torch.nn.Module, path: str | Path) -> Iterator[dict[str, str]]:
+    """The UNet with an ESD weights file applied inside the block, and its own values again after it."""
+    with safe_open(str(path), framework="pt") as f:  # names only; apply_esd_weights reads and checks the tensors
+        names = list(f.keys())
+    own = dict(unet.named_parameters())
+    saved = snapshot_parameters(unet, [n for n in names if n in own])  # unknown names are refused by apply below
+    try:
+        yield apply_esd_weights(unet, path)
+    finally:
+        restore_parameters(unet, saved)

@@ -14,8 +14,10 @@ from pathlib import Path
 
 from esd.errors import EsdError
 from esd.evaluate.generate import REQUIRED_COLUMNS, PromptRow, read_prompts
+from esd.shipped import shipped_path
 
-DATA_DIR = Path(__file__).resolve().parents[3] / "data"
+# data/ at the repository root in a checkout; the copy inside the package when installed from a wheel.
+DATA_DIR = shipped_path("data")
 
 # The 10 Imagenette classes and their ImageNet-1k indices (the ESD paper's object-erasure benchmark).
 IMAGENETTE = {

@@ -4,7 +4,7 @@ import pytest
 from diffusers.models.attention_processor import Attention
 
 from esd.errors import EsdError
-from esd.params import select_parameters, trainable_names
+from esd.selection import select_parameters, trainable_names
 from esd.tiny import tiny_sd1_layout_unet, tiny_unet
 
 

@@ -1,0 +1,320 @@
+"""The app's state and actions, free of Gradio: the loaded model, erase runs, compare, export, evaluate.
+
+One base pipeline is loaded once and shared by every tab. An erase trains it in place in a worker
+thread; afterwards the trained tensors are put back, so the pipeline always holds the *original*
+weights, and the erased model is the base plus a run's `esd.safetensors`, applied only for the duration
+of a call (`esd.weights.applied_weights`). That keeps one model in memory, not two.
+
+Safety (the page's side is in `esd.app`): runs are addressed by folder *name* inside the output folder
+(`esd.app_runs`), never by a path from the browser; iteration and image counts are capped; one model
+task runs at a time (a lock refuses anything that slips past Gradio's queue).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+import threading
+import typing
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from esd.app_runs import new_run_dir, resolve_run, run_files, run_metadata
+from esd.config import EraseConfig
+from esd.errors import EsdError
+from esd.models import describe_model, grid_prompts, model_notes
+from esd.weights import applied_weights, restore_parameters, snapshot_parameters
+
+# Sane maxima: a browser form must not be able to start a week-long job or a million images.
+MAX_ITERATIONS = 5000
+MAX_DDIM_STEPS = 200
+MAX_SAMPLE_STEPS = 100
+MAX_IMAGES_PER_PROMPT = 4
+MAX_EVAL_SEEDS = 16
+MAX_EVAL_STEPS = 50
+
+# EraseConfig fields shown in the form (the rest keep their EraseConfig defaults).
+FORM_FIELDS = ("concept", "method", "iterations", "eta", "start_guidance", "lr", "seed")
+ADVANCED_FIELDS = ("ddim_steps", "sample_from", "separator", "erase_from", "grid_steps", "save_every")
+FIELD_CAPS = {"iterations": MAX_ITERATIONS, "ddim_steps": MAX_DDIM_STEPS, "grid_steps": MAX_SAMPLE_STEPS,
+              "save_every": MAX_ITERATIONS}
+
+
+def config_fields(names: tuple[str, ...]) -> list[tuple[str, type, object, str, list | None]]:
+    """(name, type, default, help, choices) of EraseConfig fields: the form is built from these."""
+    hints = typing.get_type_hints(EraseConfig)
+    by_name = {f.name: f for f in dataclasses.fields(EraseConfig)}
+    out = []
+    for name in names:
+        f = by_name[name]
+        kind = hints[name]
+        if typing.get_origin(kind) is not None and typing.get_origin(kind) is not typing.Literal:  # X | None
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        choices = f.metadata.get("choices")
+        out.append((name, str if choices else kind, f.default, f.metadata.get("help", ""), choices))
+    return out
+
+
+def _coerce(name: str, kind: type, value):
+    """A form value as the field's type; empty text means None (optional fields)."""
+    if kind is str:
+        text = "" if value is None else str(value)
+        return text if name == "concept" or text.strip() else None
+    if value is None or value == "":
+        raise EsdError(f"{name.replace('_', ' ')} is empty")
+    try:
+        number = float(value)
+    except (TypeError, ValueError) as err:
+        raise EsdError(f"{name.replace('_', ' ')} must be a number, got {value!r}") from err
+    if kind is int:
+        if not number.is_integer():
+            raise EsdError(f"{name.replace('_', ' ')} must be a whole number, got {value}")
+        return int(number)
+    return number
+
+
+def config_from_form(values: dict, output: Path, device: str) -> EraseConfig:
+    """Validate the form through EraseConfig (one place for the rules) plus the app's caps."""
+    kinds = {name: kind for name, kind, *_ in config_fields(FORM_FIELDS + ADVANCED_FIELDS)}
+    unknown = set(values) - set(kinds)
+    if unknown:
+        raise EsdError(f"not settable from the app: {', '.join(sorted(unknown))}")
+    cfg = EraseConfig(**{k: _coerce(k, kinds[k], v) for k, v in values.items()}, output=str(output),
+                      device=device)
+    cfg.validate()
+    for name, cap in FIELD_CAPS.items():
+        if getattr(cfg, name) > cap:
+            raise EsdError(f"{name.replace('_', ' ')} is {getattr(cfg, name)}; the app allows at most {cap} "
+                           "(use `esd erase` for longer runs)")
+    return cfg
+
+
+@dataclass
+class EraseJob:
+    """One erase running in a worker thread; the UI polls it."""
+
+    cfg: EraseConfig
+    losses: list[float] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+    result: object | None = None  # esd.erase.EraseResult
+    error: BaseException | None = None
+
+    def on_step(self, i: int, loss: float) -> bool:
+        """erase()'s callback: record the loss; True (stop pressed) ends training, keeping what was done."""
+        self.losses.append(loss)
+        return self.stop.is_set()
+
+    @property
+    def run_name(self) -> str:
+        return Path(self.cfg.output).name
+
+
+class EsdApp:
+    """The app's state and handlers, free of Gradio so that tests can call them directly."""
+
+    def __init__(self, pipe, output_dir: str | Path):
+        self.pipe = pipe
+        self.output_dir = Path(output_dir).resolve()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.lock = threading.Lock()  # one model task at a time: erase, compare, export, evaluate
+        self.job: EraseJob | None = None
+        self._classifier = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.unet.device
+
+    @property
+    def source(self) -> str:
+        return str(getattr(self.pipe, "esd_source", "") or "")
+
+    @property
+    def is_testbed(self) -> bool:
+        """A testbed-like model: its folder ships the shape/colour classifier."""
+        return (Path(self.source) / "classifier" / "config.json").is_file()
+
+    def form_fields(self, names: tuple[str, ...]) -> list[tuple[str, type, object, str, list | None]]:
+        """config_fields with the model folder's recommended settings (its esd.json) as the initial values."""
+        recommended = model_notes(self.pipe).get("erase_defaults", {})
+        out = []
+        for name, kind, default, help_text, choices in config_fields(names):
+            if name in recommended and recommended[name] != default:
+                help_text += f" [this model recommends {recommended[name]}; EraseConfig default {default}]"
+                default = recommended[name]
+            out.append((name, kind, default, help_text, choices))
+        return out
+
+    def run_dir(self, run_name: str) -> Path:
+        """The folder of a run chosen in this session (by name, inside the output folder)."""
+        if not run_name:
+            raise EsdError("no erased model yet: run an erase, or load a run in the Save tab")
+        return resolve_run(self.output_dir, run_name)
+
+    def describe(self) -> str:
+        return f"{describe_model(self.pipe)} — `{self.source}`"
+
+    @contextlib.contextmanager
+    def model_busy(self) -> Iterator[None]:
+        if not self.lock.acquire(blocking=False):
+            raise EsdError("the model is busy (an erase or another task is running); wait for it or press Stop")
+        try:
+            yield
+        finally:
+            self.lock.release()
+
+    # ---- erase
+
+    def start_erase(self, values: dict) -> EraseJob:
+        """Validate the form and start erasing in a worker thread; refused while another task runs."""
+        cfg = config_from_form(values, self.output_dir, str(self.device))
+        if not self.lock.acquire(blocking=False):
+            raise EsdError("an erase is already running; wait for it to finish or press Stop")
+        cfg.output = str(new_run_dir(self.output_dir, cfg))  # made while holding the lock: names never collide
+        job = EraseJob(cfg)
+        self.job = job
+        threading.Thread(target=self._erase_worker, args=(job,), name="esd-erase", daemon=True).start()
+        return job
+
+    def _erase_worker(self, job: EraseJob) -> None:
+        """Train, then put the base weights back: the run's file holds the erased ones."""
+        from esd.erase import erase
+        from esd.selection import trainable_names
+
+        unet = self.pipe.unet
+        try:
+            saved = snapshot_parameters(unet, trainable_names(unet, job.cfg.method))
+            try:
+                job.result = erase(job.cfg, pipe=self.pipe, progress=False, on_step=job.on_step)
+            finally:
+                restore_parameters(unet, saved)
+        except Exception as err:  # shown in the UI; the worker must never die silently
+            job.error = err
+        finally:
+            self.lock.release()
+            job.done.set()
+
+    def request_stop(self) -> str:
+        job = self.job
+        if job is None or job.done.is_set():
+            return "No erase is running."
+        job.stop.set()
+        return "Stopping after the current iteration; what was trained so far is saved."
+
+    # ---- compare
+
+    def unrelated_prompts(self, concepts: list[str]) -> list[str]:
+        """Up to three of the model's grid prompts (its esd.json, or generic ones) that do not name the concept."""
+        prompts = grid_prompts(self.pipe)
+        def words(text: str) -> set[str]:  # punctuation is not part of a word: "circle," names circle
+            return set(re.findall(r"[a-z0-9]+", text.lower()))
+
+        named = {w for c in concepts for w in words(c) if len(w) > 2}  # not "a", "of"
+        return [p for p in prompts if not named & words(p)][:3]
+
+    def compare(self, run_name: str, prompt: str, seed: int, steps: int = 30,
+                per_prompt: int = 1) -> tuple[list, list, list[list]]:
+        """Original and erased images (same seeds) for `prompt` and unrelated prompts, with testbed verdicts.
+
+        Returns (original [(image, caption)], erased [(image, caption)], verdict rows).
+        """
+        from esd.evaluate.generate import DEFAULT_GUIDANCE, generate
+
+        steps, per_prompt, seed = int(steps), int(per_prompt), int(seed)
+        if not 1 <= steps <= MAX_SAMPLE_STEPS or not 1 <= per_prompt <= MAX_IMAGES_PER_PROMPT:
+            raise EsdError(f"steps must be 1..{MAX_SAMPLE_STEPS} and images per prompt 1..{MAX_IMAGES_PER_PROMPT}")
+        if not prompt.strip():
+            raise EsdError("the prompt is empty")
+        run = self.run_dir(run_name)
+        concepts = run_metadata(run)[0].concepts
+        prompts = [prompt.strip(), *self.unrelated_prompts(concepts)]
+        jobs = [(p, seed + k) for p in prompts for k in range(per_prompt)]
+        with self.model_busy():
+            original = generate(self.pipe, [p for p, _ in jobs], [s for _, s in jobs], steps, DEFAULT_GUIDANCE)
+            with applied_weights(self.pipe.unet, run / "esd.safetensors"):
+                erased = generate(self.pipe, [p for p, _ in jobs], [s for _, s in jobs], steps, DEFAULT_GUIDANCE)
+        verdicts = self.verdicts(jobs, original, erased)
+        captions = [f"{p} · seed {s}" for p, s in jobs]
+        return list(zip(original, captions, strict=True)), list(zip(erased, captions, strict=True)), verdicts
+
+    def verdicts(self, jobs: list[tuple[str, int]], original: list[Image.Image],
+                 erased: list[Image.Image]) -> list[list]:
+        """Testbed only: the classifier's shape/colour/style for each image, original vs erased."""
+        if not self.is_testbed:
+            return []
+        if self._classifier is None:
+            from esd.testbed.classifier import load_classifier
+
+            self._classifier = load_classifier(Path(self.source) / "classifier")
+        before, after = self._classifier.classify(original), self._classifier.classify(erased)
+        return [[p, s, label(b), label(a)] for (p, s), b, a in zip(jobs, before, after, strict=True)]
+
+    # ---- save
+
+    def run_summary(self, run_name: str) -> tuple[str, list[Path]]:
+        """A markdown summary of a run and its downloadable files."""
+        run = self.run_dir(run_name)
+        cfg, meta = run_metadata(run)
+        lines = [f"**{run.name}**: `{cfg.concept}` erased with `{cfg.method}`, {meta.get('step', '?')} of "
+                 f"{cfg.iterations} iterations, η {cfg.eta}, lr {cfg.lr}, seed {cfg.seed}",
+                 f"base model: `{meta.get('base_model', '?')}`"]
+        if meta.get("base_model") and meta["base_model"] != self.source:
+            lines.append(f"⚠ made from another base model than the one loaded (`{self.source}`)")
+        return "\n\n".join(lines), run_files(run)
+
+    def export_compvis(self, run_name: str) -> Path:
+        """Write the run's erased model as one CompVis file (for AUTOMATIC1111/ComfyUI) beside its weights."""
+        from esd.compvis import export_pipeline
+
+        run = self.run_dir(run_name)
+        base = Path(self.source)
+        with self.model_busy(), applied_weights(self.pipe.unet, run / "esd.safetensors"):
+            return export_pipeline(self.pipe, run / "compvis.safetensors", base_file=base if base.is_file() else None)
+
+    # ---- evaluate
+
+    def evaluate(self, run_name: str, seeds: int = 2, steps: int = 20) -> tuple[list[list], list]:
+        """The testbed's quick prompt set (34 prompts, `seeds` seeds each) for the original and the erased model."""
+        from esd.testbed.evaluate import check_concept, evaluate_testbed
+
+        seeds, steps = int(seeds), int(steps)
+        if not self.is_testbed:
+            raise EsdError("the testbed suite needs the testbed model (esd app without --model); "
+                           "for real models use `esd evaluate`")
+        if not 1 <= seeds <= MAX_EVAL_SEEDS or not 1 <= steps <= MAX_EVAL_STEPS:
+            raise EsdError(f"seeds must be 1..{MAX_EVAL_SEEDS} and steps 1..{MAX_EVAL_STEPS}")
+        run = self.run_dir(run_name)
+        concept = run_metadata(run)[0].concept
+        try:
+            erased = check_concept(concept)
+        except EsdError:
+            erased = None  # not a testbed word: report accuracies only
+        out, classifier = run / "app-eval", Path(self.source) / "classifier"
+        with self.model_busy():
+            original = evaluate_testbed(self.pipe, out / "original", erased, seeds, steps, classifier_path=classifier,
+                                        prompt_set="quick")
+            with applied_weights(self.pipe.unet, run / "esd.safetensors"):
+                after = evaluate_testbed(self.pipe, out / "erased", erased, seeds, steps, classifier_path=classifier,
+                                         prompt_set="quick")
+        return evaluation_rows(original, after), [(str(out / "original" / "grid.png"), "original"),
+                                                  (str(out / "erased" / "grid.png"), "erased")]
+
+
+def label(p) -> str:
+    """A testbed verdict as words: "red circle", "red circle, striped" (solid is not named)."""
+    return f"{p.colour} {p.shape}" + (f", {p.style}" if p.style not in ("solid", "none") else "")
+
+
+def evaluation_rows(original: dict, erased: dict) -> list[list]:
+    """[metric, original, erased] rows: the summary, then accuracy per concept."""
+    keys = ["shape_accuracy", "colour_accuracy", "style_accuracy", "erased_rate", "others_mean_accuracy",
+            "others_min_accuracy"]
+    rows = [[k, round(original[k], 3), round(erased[k], 3)] for k in keys if k in original]
+    rows += [[f"accuracy: {c}", round(v, 3), round(erased["per_concept"][c], 3)]
+             for c, v in original["per_concept"].items()]
+    return rows
