@@ -1,12 +1,14 @@
-"""Erase a concept from the shipped testbed and measure it: is it gone, is the rest intact?
+"""Erase a concept from the shipped testbed on several erase seeds and measure each: is it gone, is the rest intact?
 
-    python benchmarks/testbed_erasure.py --concept circle [EraseConfig flags ...] [--seeds 16] [--steps 50]
-                                          [--json FILE]
+    python benchmarks/testbed_erasure.py --concept circle --erase-seeds 0,1,2,3,4 [EraseConfig flags ...]
+                                          [--seeds 16] [--steps 50] [--prompt-set full] [--json FILE]
 
-Runs `esd.erase.erase` with the given settings (the same flags as `esd erase`), then the testbed
-measurement (`esd.testbed.evaluate.evaluate_testbed`) on the erased model, and prints one JSON line:
-wall time of the erase, erased-concept rate, mean accuracy of the other concepts of the same kind and
-the base model's numbers for comparison (measured once and cached in --base-cache).
+For each erase seed: `esd.erase.erase` with the given settings (flags not given take the testbed's
+recommendation for the concept's kind, from models/testbed/esd.json, exactly as `esd erase` does), then the
+testbed evaluation (`esd.testbed.evaluate.evaluate_testbed`) of the erased model. Prints one JSON line per
+seed, then a table of every concept's accuracy per seed with min / mean / max over the seeds next to the base
+model's, and whether the issue's bar holds on every seed (the erased concept's rate, every other concept
+within its kind's allowance of the base). The base model is measured once and cached in --base-cache.
 """
 
 from __future__ import annotations
@@ -18,57 +20,118 @@ import tempfile
 import time
 from pathlib import Path
 
-from esd.cli import add_config_arguments, config_from_args
+from esd.cli import add_config_arguments, config_from_args, explicit_fields
 from esd.models import TESTBED, load_pipeline
-from esd.testbed.evaluate import evaluate_testbed
-from esd.testbed.render import COLOURS, SHAPES
+from esd.testbed.evaluate import CONCEPTS, evaluate_testbed
+from esd.testbed.render import kind_of
 
-WORDS = {*COLOURS, *SHAPES}
+# The bar (issue "Erasure that holds"): the erased concept's largest rate, and how far below the base each other
+# kind may fall, by the kind erased.
+ERASED_MAX = {"shape": 0.05, "style": 0.05, "colour": 0.10}
+ALLOWANCE = {  # erased kind -> {other concept's kind: points below base allowed}
+    "shape": {"shape": 0.05, "style": 0.05, "colour": 0.03},
+    "style": {"shape": 0.05, "style": 0.05, "colour": 0.03},
+    "colour": {"shape": 0.05, "style": 0.05, "colour": 0.10},
+}
 
 
-def measure(pipe, erased: str, seeds: int, steps: int, out: Path) -> dict:
-    m = evaluate_testbed(pipe, out, erased, seeds_per_prompt=seeds, steps=steps)
-    return {"erased_rate": m["erased_rate"], "others_mean_accuracy": m["others_mean_accuracy"],
-            "per_concept": m["per_concept"]}
+def measure(pipe, erased: str, args, out: Path) -> dict:
+    """The evaluation's summary, plus the erased word's rate per phrasing (over the prompts naming it)."""
+    m = evaluate_testbed(pipe, out, erased, seeds_per_prompt=args.seeds, steps=args.steps, prompt_set=args.prompt_set)
+    kind, groups = kind_of(erased), {}
+    for r in m["per_prompt"].values():
+        if r[kind] == erased:
+            hits_n = groups.setdefault(r["phrasing"], [0, 0])
+            hits_n[0] += r[f"{kind}_hits"]
+            hits_n[1] += r["n"]
+    keys = ("erased_rate", "others_mean_accuracy", "others_min_accuracy", "per_concept", "shape_accuracy",
+            "colour_accuracy", "style_accuracy")
+    return {k: m[k] for k in keys} | {"phrasings": {t: h / n for t, (h, n) in groups.items()}}
+
+
+def verdict(word: str, base: dict, seeds: list[dict]) -> dict[str, bool]:
+    """Per concept: does the bar hold on every seed?"""
+    kind = kind_of(word)
+    ok = {word: all(s["per_concept"][word] <= ERASED_MAX[kind] for s in seeds)}
+    for other in CONCEPTS:
+        if other != word:
+            allowed = ALLOWANCE[kind][kind_of(other)]
+            ok[other] = all(s["per_concept"][other] >= base["per_concept"][other] - allowed for s in seeds)
+    return ok
+
+
+def table(word: str, base: dict, seeds: list[dict], erase_seeds: list[int]) -> str:
+    ok = verdict(word, base, seeds)
+    head = "| concept | base | " + " | ".join(f"seed {s}" for s in erase_seeds) + " | min | mean | max | bar |"
+    lines = [head, "|" + "---|" * (len(erase_seeds) + 6)]
+    for c in [word] + [c for c in CONCEPTS if c != word]:
+        vals = [s["per_concept"][c] for s in seeds]
+        cells = " | ".join(f"{v:.1%}" for v in vals)
+        name = f"**{c}** (erased)" if c == word else c
+        lines.append(f"| {name} | {base['per_concept'][c]:.1%} | {cells} | {min(vals):.1%} | "
+                     f"{sum(vals) / len(vals):.1%} | {max(vals):.1%} | {'ok' if ok[c] else 'MISSED'} |")
+    lines += ["", "| phrasing (prompts naming the erased word) | base | max over seeds |", "|---|---|---|"]
+    for template, rate in base["phrasings"].items():
+        lines.append(f"| `{template}` | {rate:.1%} | {max(s['phrasings'][template] for s in seeds):.1%} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_config_arguments(p)
-    p.add_argument("--seeds", type=int, default=16, help="seeds per 'a {colour} {shape}' prompt")
+    p.add_argument("--erase-seeds", default="0", help="comma-separated erase seeds, e.g. 0,1,2,3,4")
+    p.add_argument("--seeds", type=int, default=16, help="evaluation seeds per prompt")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps of the evaluation images")
+    p.add_argument("--prompt-set", default="full", choices=["full", "quick", "base"], help="evaluation prompts")
     p.add_argument("--base-cache", default="outputs/testbed-base-metrics.json")
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", default=None, help="write every seed's numbers and the summary here")
     p.add_argument("--erased", default=None,
                    help="the testbed word measured as erased (default: the concept's last word that is one)")
     args = p.parse_args()
-    cfg = config_from_args(args)
-    cfg.output = cfg.output or tempfile.mkdtemp(prefix="esd-bench-")
-    cfg.grid_steps = 0
-    word = args.erased or next((w for w in reversed(cfg.concept.replace(",", " ").split()) if w in WORDS),
-                               cfg.concept.split()[-1])
+    explicit = explicit_fields(sys.argv[1:])
+    base_cfg = config_from_args(args)
+    base_cfg.grid_steps = 0
+    words = [w for w in base_cfg.concept.replace(",", " ").split() if w in CONCEPTS]
+    word = args.erased or (words[-1] if words else base_cfg.concept.split()[-1])
+    erase_seeds = [int(s) for s in args.erase_seeds.split(",")]
+    out_root = Path(base_cfg.output or tempfile.mkdtemp(prefix="esd-bench-"))
 
+    model = base_cfg.model or str(TESTBED)  # --model: another testbed-like folder (with classifier/)
     cache = Path(args.base_cache)
-    key = f"{word}/{args.seeds}/{args.steps}"
+    key = f"{Path(model).resolve()}/{word}/{args.seeds}/{args.steps}/{args.prompt_set}"
     base_all = json.loads(cache.read_text()) if cache.exists() else {}
     if key not in base_all:
-        base_all[key] = measure(load_pipeline(str(TESTBED)), word, args.seeds, args.steps, Path(cfg.output) / "base")
+        base_all[key] = measure(load_pipeline(model), word, args, out_root / "base")
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(base_all, indent=2))
-    pipe = load_pipeline(str(TESTBED))
-    start = time.perf_counter()
+    base = base_all[key]
+
     from esd.erase import erase
 
-    erase(cfg, pipe=pipe, progress=False)
-    seconds = time.perf_counter() - start
-    after = measure(pipe, word, args.seeds, args.steps, Path(cfg.output) / "eval")
-    row = {"concept": cfg.concept, "method": cfg.method, "lr": cfg.lr, "eta": cfg.eta, "iterations": cfg.iterations,
-           "ddim_steps": cfg.ddim_steps, "trajectory_reuse": cfg.trajectory_reuse, "erase_s": round(seconds, 1),
-           "base": base_all[key], "after": after}
-    print(json.dumps(row))
+    rows = []
+    for seed in erase_seeds:
+        cfg = config_from_args(args)
+        cfg.seed, cfg.grid_steps, cfg.output = seed, 0, str(out_root / f"seed-{seed}")
+        pipe = load_pipeline(model)
+        start = time.perf_counter()
+        result = erase(cfg, pipe=pipe, progress=False, explicit=explicit | {"seed", "grid_steps", "output"})
+        seconds = time.perf_counter() - start
+        after = measure(pipe, word, args, out_root / f"seed-{seed}" / "eval")
+        run = result.config
+        row = {"seed": seed, "concept": cfg.concept, "method": run.method, "lr": run.lr, "eta": run.eta,
+               "iterations": run.iterations, "ddim_steps": run.ddim_steps, "batch_size": run.batch_size,
+               "lr_schedule": run.lr_schedule, "grad_clip": run.grad_clip, "trajectory_reuse": run.trajectory_reuse,
+               "sample_from": run.sample_from, "erase_s": round(seconds, 1), "after": after}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    summary = table(word, base, [r["after"] for r in rows], erase_seeds)
+    ok = verdict(word, base, [r["after"] for r in rows])
+    print(summary)
+    print(f"bar met on every seed: {all(ok.values())}; erase time {min(r['erase_s'] for r in rows):.0f}-"
+          f"{max(r['erase_s'] for r in rows):.0f} s")
     if args.json:
-        Path(args.json).write_text(json.dumps(row, indent=2))
-    sys.stdout.flush()
+        Path(args.json).write_text(json.dumps({"word": word, "base": base, "seeds": rows, "bar": ok,
+                                               "table": summary}, indent=2))
 
 
 if __name__ == "__main__":

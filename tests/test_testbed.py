@@ -8,15 +8,16 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 from esd.errors import EsdError
 from esd.models import apply_esd_weights, load_pipeline
 from esd.testbed import COLOURS, DEFAULT_TESTBED, SHAPES
-from esd.testbed.classifier import COLOUR_LABELS, SHAPE_LABELS, load_classifier
+from esd.testbed.classifier import COLOUR_LABELS, SHAPE_LABELS, STYLE_LABELS, load_classifier
 from esd.testbed.cli import register, run
 from esd.testbed.evaluate import evaluate_testbed
-from esd.testbed.render import RGB, SIZE, caption, render, render_shape
+from esd.testbed.render import FILLS, RGB, STYLES, render, render_shape
 from esd.tokenizer import clip_tokenizer
 
 needs_testbed = pytest.mark.skipif(
@@ -32,18 +33,6 @@ def pipe():
 # ----------------------------------------------------------------------------- renderer
 
 
-def test_render_is_deterministic_and_labelled():
-    a, shape, colour = render(7)
-    b, shape_b, colour_b = render(7)
-    assert np.array_equal(np.asarray(a), np.asarray(b)) and (shape, colour) == (shape_b, colour_b)
-    assert a.size == (SIZE, SIZE) and a.mode == "RGB"
-    assert shape in SHAPES and colour in COLOURS
-    assert not np.array_equal(np.asarray(a), np.asarray(render(8)[0]))
-    # Every label occurs across seeds.
-    labels = {render(s)[1:] for s in range(200)}
-    assert {s for s, _ in labels} == set(SHAPES) and {c for _, c in labels} == set(COLOURS)
-
-
 @pytest.mark.parametrize("shape", SHAPES)
 def test_render_draws_the_colour_on_a_light_background(shape):
     rng = np.random.default_rng(0)
@@ -57,28 +46,32 @@ def test_render_draws_the_colour_on_a_light_background(shape):
     assert edges.any()  # anti-aliased: intermediate values at the edges
 
 
-def test_captions():
-    assert caption("circle", "red") == "a red circle"
-    assert caption("circle", None) == "a circle"
-    assert caption(None, "red") == "a red shape"
-    assert caption(None, None) == ""
-    with pytest.raises(ValueError):
-        render_shape("hexagon", "red", np.random.default_rng(0))
-
-
 # ----------------------------------------------------------------------------- classifier
 
 
 @needs_testbed
-def test_shipped_classifier_is_accurate_on_fresh_renders():
+def test_shipped_classifier_is_accurate_per_head_on_fresh_renders():
     clf = load_classifier(DEFAULT_TESTBED / "classifier")
-    samples = [render(seed) for seed in range(10_000, 10_400)]  # seeds the classifier never trained on
-    preds = clf.classify([im for im, _, _ in samples])
-    shape_acc = np.mean([p.shape == s for p, (_, s, _) in zip(preds, samples, strict=True)])
-    colour_acc = np.mean([p.colour == c for p, (_, _, c) in zip(preds, samples, strict=True)])
-    assert shape_acc >= 0.98 and colour_acc >= 0.98
-    assert all(0 <= p.shape_prob <= 1 and 0 <= p.colour_prob <= 1 for p in preds)
-    assert preds[0].shape in SHAPE_LABELS and preds[0].colour in COLOUR_LABELS
+    samples = [render(seed) for seed in range(10_000, 10_600)]  # seeds the classifier never trained on
+    preds = clf.classify([ex.image for ex in samples])
+    for head in ("shape", "colour", "style"):
+        acc = np.mean([getattr(p, head) == getattr(ex, head) for p, ex in zip(preds, samples, strict=True)])
+        assert acc >= 0.98, head
+    for style in FILLS:  # every fill, not just the common solid one
+        rows = [(p, ex) for p, ex in zip(preds, samples, strict=True) if ex.style == style]
+        assert len(rows) > 50 and np.mean([p.style == style for p, _ in rows]) >= 0.97, style
+    assert all(0 <= p.shape_prob <= 1 and 0 <= p.colour_prob <= 1 and 0 <= p.style_prob <= 1 for p in preds)
+    assert preds[0].shape in SHAPE_LABELS and preds[0].colour in COLOUR_LABELS and preds[0].style in STYLE_LABELS
+    blank = clf.classify([Image.fromarray(render_shape(None, None, np.random.default_rng(5)))])[0]
+    assert (blank.shape, blank.colour, blank.style) == ("none", "none", "none")
+
+
+def test_first_generation_classifier_is_refused_with_the_fix(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"width": 32, "shape_labels": list(SHAPE_LABELS), "colour_labels": list(COLOUR_LABELS)}))
+    with pytest.raises(EsdError, match="no style head"):
+        load_classifier(tmp_path)
 
 
 def test_missing_classifier_says_how_to_get_one(tmp_path):
@@ -115,9 +108,10 @@ def test_eval_writes_metrics(pipe, tmp_path):
     assert saved["erased"] == "circle" and (tmp_path / "grid.png").is_file()
     for key in ("shape_accuracy", "colour_accuracy", "erased_rate", "others_mean_accuracy"):
         assert 0 <= saved[key] <= 1, key
-    assert set(saved["per_concept"]) == set(SHAPES + COLOURS)
+    assert set(saved["per_concept"]) == set(SHAPES + COLOURS + STYLES) | {"solid"}
     assert all(0 <= v <= 1 for v in saved["per_concept"].values())
-    assert len(saved["per_prompt"]) == len(SHAPES) * len(COLOURS) and saved["n_images"] == 12
+    assert len(saved["per_prompt"]) == 94 and saved["n_images"] == 94
+    assert saved["by_phrasing"]["{shape}"].keys() == {"shape", "style"}  # a bare shape word constrains no colour
     assert m["erased_rate"] == saved["per_concept"]["circle"]
     assert m["others_mean_accuracy"] == pytest.approx((m["per_concept"]["square"] + m["per_concept"]["triangle"]) / 2)
 
@@ -182,3 +176,14 @@ def test_cli_train_arguments():
         ["testbed", "train", "--seed", "3", "--minutes", "2.5", "--device", "cpu", "--output", "x", "--max-steps", "10"]
     )
     assert (args.seed, args.minutes, args.device, str(args.output), args.max_steps) == (3, 2.5, "cpu", "x", 10)
+
+
+@needs_testbed
+def test_cli_eval_unknown_word_exits_2_naming_the_known_ones(tmp_path, capsys):
+    from esd.cli import main
+
+    assert main(["testbed", "eval", "--erased", "plaid", "--seeds", "1", "--steps", "1", "--device", "cpu",
+                 "--output", str(tmp_path / "ev")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown testbed concept 'plaid'" in err and "striped, dotted, outlined" in err
+    assert not (tmp_path / "ev" / "metrics.json").exists()

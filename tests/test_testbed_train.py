@@ -32,9 +32,11 @@ TINY = dict(
 
 def test_interrupt_checkpoints_and_resume_matches_an_unbroken_run(tmp_path, monkeypatch):
     real_step = tb.diffusion_step
+    calls = []
 
     def interrupted_step(*args, **kwargs):
-        if args[5] == 2:  # the step index: Ctrl-C during the third step
+        calls.append(1)
+        if len(calls) == 3:  # Ctrl-C during the third diffusion step
             raise KeyboardInterrupt
         return real_step(*args, **kwargs)
 
@@ -50,6 +52,7 @@ def test_interrupt_checkpoints_and_resume_matches_an_unbroken_run(tmp_path, monk
     assert not (out / "checkpoint").exists()  # the shipped folder holds only the pipeline
     card = (out / "README.md").read_text()
     assert "--max-steps 4" in card and "--vae-steps 2" in card
+    assert "How far apart the text encoder keeps concept words" in card and "concept tokens, same kind" in card
     assert (out / "classifier" / "model.safetensors").is_file()
     pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, local_files_only=True)
     assert pipe.vae.config.scaling_factor != 1.0  # measured from the latents
@@ -63,3 +66,16 @@ def test_interrupt_checkpoints_and_resume_matches_an_unbroken_run(tmp_path, monk
         "vae/diffusion_pytorch_model.safetensors",
     ):
         assert (out / name).read_bytes() == (unbroken / name).read_bytes(), name
+
+
+def test_warm_start_begins_from_the_given_testbed(tmp_path):
+    first = train_testbed(tmp_path / "a", max_steps=2, config=TrainConfig(**TINY))
+    # No further steps: the warm-started run ships exactly the weights it started from.
+    second = train_testbed(tmp_path / "b", max_steps=0, config=TrainConfig(**{**TINY, "vae_steps": 0,
+                                                                              "warm_start": str(first)}))
+    a = StableDiffusionPipeline.from_pretrained(first, safety_checker=None, local_files_only=True)
+    b = StableDiffusionPipeline.from_pretrained(second, safety_checker=None, local_files_only=True)
+    for part in ("unet", "text_encoder", "vae"):
+        sa, sb = getattr(a, part).state_dict(), getattr(b, part).state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), part
+    assert f"--warm-start {first}" in (second / "README.md").read_text()

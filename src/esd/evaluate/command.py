@@ -217,7 +217,7 @@ def run_testbed(args: argparse.Namespace, out: Path, device: torch.device) -> in
 
     erased = check_concept(args.erased)
     if args.prompts is not None or args.limit is not None:
-        raise EsdError("the testbed suite has fixed prompts (every colour x shape); drop --prompts/--limit "
+        raise EsdError("the testbed suite has fixed prompts (shapes, colours, styles in every phrasing); drop --prompts/--limit "
                        "and set the seeds per prompt with --num-images")
     plans = [("model", args.model, args.weights)] + ([("reference", args.reference_model, None)]
                                                      if args.reference_model else [])
@@ -240,7 +240,7 @@ def run_testbed(args: argparse.Namespace, out: Path, device: torch.device) -> in
         shown.insert(0, ("model (left) and reference (right): same prompts and seeds", "side_by_side.png"))
     protocol = {"suite": "testbed", "erased": erased, "num_images": args.num_images, "steps": args.steps,
                 "guidance": args.guidance, "seeds": "seeds 0..num_images-1 for every prompt",
-                "measure": "esd.testbed.evaluate: the testbed classifier's shape and colour verdicts"}
+                "measure": "esd.testbed.evaluate: the testbed classifier's shape, colour and style verdicts"}
     metrics = {"suite": "testbed", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "protocol": protocol,
                "models": _models_info(sides), "results": results, "comparison": {}, "versions": package_versions(),
                "notes": []}
@@ -251,7 +251,8 @@ def run_testbed(args: argparse.Namespace, out: Path, device: torch.device) -> in
 
 def _testbed_tables(results: dict[str, dict], erased: str | None) -> list[Table]:
     names = list(results)
-    keys = ["shape_accuracy", "colour_accuracy"] + (["erased_rate", "others_mean_accuracy"] if erased else [])
+    keys = ["shape_accuracy", "colour_accuracy", "style_accuracy"] + (
+        ["erased_rate", "others_mean_accuracy", "others_min_accuracy"] if erased else [])
     summary = Table("Testbed summary", ["metric", *names], [[k, *(results[n].get(k) for n in names)] for k in keys])
     concepts = list(results[names[0]]["per_concept"])
     per = Table("Accuracy per concept", ["concept", *names],

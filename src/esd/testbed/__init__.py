@@ -1,7 +1,7 @@
 """The testbed: a small Stable Diffusion pipeline trained on coloured shapes, and the tools to judge it.
 
 It exists so that erasing, converting and evaluating run offline in minutes, and so that erasure efficacy
-("is the circle gone?") and specificity ("are squares still squares?") are measured numbers (DESIGN.md §5).
+("is the circle gone?") and specificity ("are squares still squares?") are measured numbers (docs/design.md, "The testbed").
 Modules: `render` (the data), `train` (the pipeline), `classifier` (labels generated images), `evaluate`
 (prompts x seeds -> metrics.json) and `cli` (`esd testbed train|eval`).
 """

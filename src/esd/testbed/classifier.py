@@ -1,6 +1,6 @@
-"""A small CNN that labels testbed images with a shape and a colour: the judge of erasure experiments.
+"""A small CNN that labels testbed images with a shape, a colour and a fill style: the judge of erasure experiments.
 
-Two heads over a shared convolutional trunk. Each head also has a "none" class, trained on empty
+Three heads over a shared convolutional trunk. Each head also has a "none" class, trained on empty
 backgrounds, so that an image whose shape was erased is not forced into some shape by chance.
 Trained on fresh renders with blur, noise and colour jitter, so it stays reliable on generated images,
 which are softer and noisier than renders.
@@ -21,10 +21,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from esd.errors import EsdError
-from esd.testbed.render import COLOURS, SHAPES, SIZE, render_batch, render_shape
+from esd.testbed.render import COLOURS, FILLS, SHAPES, SIZE, render_batch, render_shape
 
 SHAPE_LABELS = (*SHAPES, "none")
 COLOUR_LABELS = (*COLOURS, "none")
+STYLE_LABELS = (*FILLS, "none")
 
 
 class Prediction(NamedTuple):
@@ -34,10 +35,12 @@ class Prediction(NamedTuple):
     colour: str
     shape_prob: float
     colour_prob: float
+    style: str = "none"
+    style_prob: float = 0.0
 
 
 class ShapeColourNet(nn.Module):
-    """Three conv stages (32 -> 16 -> 8 -> 4 px) and two linear heads: shape and colour logits."""
+    """Three conv stages (32 -> 16 -> 8 -> 4 px) and three linear heads: shape, colour and style logits."""
 
     def __init__(self, width: int = 32):
         super().__init__()
@@ -57,11 +60,12 @@ class ShapeColourNet(nn.Module):
         self.hidden = nn.Sequential(nn.Linear(4 * w * (SIZE // 8) ** 2, 128), nn.ReLU())
         self.shape_head = nn.Linear(128, len(SHAPE_LABELS))
         self.colour_head = nn.Linear(128, len(COLOUR_LABELS))
+        self.style_head = nn.Linear(128, len(STYLE_LABELS))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (B, 3, 32, 32) in [0, 1] -> shape logits (B, 4), colour logits (B, 5)."""
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (B, 3, 32, 32) in [0, 1] -> shape logits (B, 4), colour logits (B, 5), style logits (B, 5)."""
         h = self.hidden(self.trunk(x - 0.5))
-        return self.shape_head(h), self.colour_head(h)
+        return self.shape_head(h), self.colour_head(h), self.style_head(h)
 
 
 class Classifier:
@@ -72,23 +76,22 @@ class Classifier:
         self.device = device
 
     @torch.no_grad()
-    def probabilities(self, images: list[Image.Image], batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-        """Softmax probabilities over SHAPE_LABELS (N, 4) and COLOUR_LABELS (N, 5)."""
-        shape_p, colour_p = [], []
+    def probabilities(self, images: list[Image.Image], batch_size: int = 256) -> tuple[torch.Tensor, ...]:
+        """Softmax probabilities over SHAPE_LABELS (N, 4), COLOUR_LABELS (N, 5) and STYLE_LABELS (N, 5)."""
+        probs = []
         for i in range(0, len(images), batch_size):
             x = pil_to_tensor(images[i : i + batch_size]).to(self.device)
-            s, c = self.net(x)
-            shape_p.append(s.softmax(-1).cpu())
-            colour_p.append(c.softmax(-1).cpu())
-        return torch.cat(shape_p), torch.cat(colour_p)
+            probs.append([logits.softmax(-1).cpu() for logits in self.net(x)])
+        return tuple(torch.cat(head) for head in zip(*probs, strict=True))
 
     def classify(self, images: list[Image.Image]) -> list[Prediction]:
-        """The most likely shape and colour of each image (32x32 RGB; other sizes are resized)."""
-        shape_p, colour_p = self.probabilities(images)
+        """The most likely shape, colour and style of each image (32x32 RGB; other sizes are resized)."""
+        shape_p, colour_p, style_p = self.probabilities(images)
         out = []
-        for sp, cp in zip(shape_p, colour_p, strict=True):
-            s, c = int(sp.argmax()), int(cp.argmax())
-            out.append(Prediction(SHAPE_LABELS[s], COLOUR_LABELS[c], float(sp[s]), float(cp[c])))
+        for sp, cp, yp in zip(shape_p, colour_p, style_p, strict=True):
+            s, c, y = int(sp.argmax()), int(cp.argmax()), int(yp.argmax())
+            out.append(Prediction(SHAPE_LABELS[s], COLOUR_LABELS[c], float(sp[s]), float(cp[c]),
+                                  STYLE_LABELS[y], float(yp[y])))
         return out
 
 
@@ -112,9 +115,11 @@ def load_classifier(path: str | Path, device: str = "cpu") -> Classifier:
             "models/testbed/classifier/ of the repository, and `esd testbed train --output DIR` writes DIR/classifier/"
         )
     config = json.loads((path / "config.json").read_text())
-    if tuple(config["shape_labels"]) != SHAPE_LABELS or tuple(config["colour_labels"]) != COLOUR_LABELS:
+    found = (config["shape_labels"], config["colour_labels"], config.get("style_labels"))
+    if found[2] is None or tuple(map(tuple, found)) != (SHAPE_LABELS, COLOUR_LABELS, STYLE_LABELS):
         raise EsdError(
-            f"classifier at {path} has labels {config['shape_labels']} / {config['colour_labels']}, expected {SHAPE_LABELS} / {COLOUR_LABELS}"
+            f"classifier at {path} has labels {found}, expected {SHAPE_LABELS} / {COLOUR_LABELS} / {STYLE_LABELS}; "
+            "retrain it with `esd testbed train` (a first-generation testbed's classifier has no style head)"
         )
     net = ShapeColourNet(width=config["width"])
     net.load_state_dict(load_file(path / "model.safetensors"))
@@ -124,17 +129,15 @@ def load_classifier(path: str | Path, device: str = "cpu") -> Classifier:
 # ----------------------------------------------------------------------------- training
 
 
-def render_labelled(
-    n: int, rng: np.random.Generator, p_blank: float = 0.05
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`n` renders (N, 3, 32, 32) in [0, 1] with shape and colour label indices; a share are empty ("none")."""
-    images, shapes, colours = render_batch(n, rng)
+def render_labelled(n: int, rng: np.random.Generator, p_blank: float = 0.05) -> tuple[torch.Tensor, ...]:
+    """`n` renders (N, 3, 32, 32) in [0, 1] with (N, 3) shape, colour, style label indices; a share are empty ("none")."""
+    images, shapes, colours, styles = render_batch(n, rng, p_solid=0.25)  # every fill equally often
     blank = rng.random(n) < p_blank
     for i in np.flatnonzero(blank):
         images[i] = render_shape(None, None, rng)
-    shapes[blank], colours[blank] = len(SHAPES), len(COLOURS)  # the "none" labels
+    shapes[blank], colours[blank], styles[blank] = len(SHAPES), len(COLOURS), len(FILLS)  # the "none" labels
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
-    return x, torch.from_numpy(shapes), torch.from_numpy(colours)
+    return x, torch.from_numpy(np.stack([shapes, colours, styles], axis=1))
 
 
 def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -154,14 +157,14 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 @torch.no_grad()
-def accuracy(net: ShapeColourNet, x: torch.Tensor, shapes: torch.Tensor, colours: torch.Tensor) -> dict[str, float]:
-    """Share of images with the right shape, the right colour, and both."""
-    s, c = net(x)
-    ok_s, ok_c = s.argmax(-1).cpu() == shapes, c.argmax(-1).cpu() == colours
+def accuracy(net: ShapeColourNet, x: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Share of images with the right shape, colour and style, each, and all three."""
+    ok = torch.stack([logits.argmax(-1).cpu() == labels[:, k] for k, logits in enumerate(net(x))], dim=1)
     return {
-        "accuracy": float((ok_s & ok_c).float().mean()),
-        "shape_accuracy": float(ok_s.float().mean()),
-        "colour_accuracy": float(ok_c.float().mean()),
+        "accuracy": float(ok.all(1).float().mean()),
+        "shape_accuracy": float(ok[:, 0].float().mean()),
+        "colour_accuracy": float(ok[:, 1].float().mean()),
+        "style_accuracy": float(ok[:, 2].float().mean()),
     }
 
 
@@ -177,22 +180,22 @@ def train_classifier(
     """Train on a pool of renders (augmented anew every step), test on fresh renders, save safetensors + config.json."""
     torch.manual_seed(seed)
     net = ShapeColourNet(width).to(device)
-    x, shapes, colours = render_labelled(pool_size, np.random.default_rng([seed, 2]))
-    x, shapes_d, colours_d = x.to(device), shapes.to(device), colours.to(device)
+    x, labels = render_labelled(pool_size, np.random.default_rng([seed, 2]))
+    x, labels_d = x.to(device), labels.to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
     g = torch.Generator().manual_seed(seed)
     for _ in tqdm(range(steps), desc="classifier", dynamic_ncols=True):
         idx = torch.randint(len(x), (batch_size,), generator=g).to(device)
-        s_logits, c_logits = net(augment(x[idx], g))
-        loss = F.cross_entropy(s_logits, shapes_d[idx]) + F.cross_entropy(c_logits, colours_d[idx])
+        heads = net(augment(x[idx], g))
+        loss = sum(F.cross_entropy(logits, labels_d[idx, k]) for k, logits in enumerate(heads))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
     net.eval()
-    x_test, s_test, c_test = render_labelled(2000, np.random.default_rng([seed, 3]), p_blank=0.0)
-    metrics = accuracy(net, x_test.to(device), s_test, c_test)
+    x_test, labels_test = render_labelled(2000, np.random.default_rng([seed, 3]), p_blank=0.0)
+    metrics = accuracy(net, x_test.to(device), labels_test)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, out / "model.safetensors")
@@ -200,6 +203,7 @@ def train_classifier(
         "width": width,
         "shape_labels": list(SHAPE_LABELS),
         "colour_labels": list(COLOUR_LABELS),
+        "style_labels": list(STYLE_LABELS),
         "seed": seed,
         "steps": steps,
         **metrics,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from esd.testbed import DEFAULT_TESTBED, SHAPES
+from esd.testbed import DEFAULT_TESTBED
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,9 +34,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="autoencoder steps (default 2000, or less if the time budget runs short)",
     )
     train.add_argument("--batch-size", type=int, default=None, help="diffusion batch size (default 256)")
+    train.add_argument(
+        "--warm-start",
+        default=None,
+        help="start from this trained testbed folder (same architecture) instead of random weights",
+    )
+    train.add_argument("--eval-seeds", type=int, default=None, help="seeds per prompt of the final quality check")
     train.add_argument("--no-resume", action="store_true", help="start afresh even if <output>/checkpoint exists")
 
-    ev = sub.add_parser("eval", help="generate every 'a {colour} {shape}' prompt and classify the images")
+    ev = sub.add_parser("eval", help="generate every testbed prompt (shapes, colours, styles, phrasings) and classify the images")
     ev.add_argument(
         "--model",
         default=str(DEFAULT_TESTBED),
@@ -48,9 +54,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="safetensors file of UNet parameters (diffusers names) to load over the model",
     )
-    ev.add_argument("--erased", default=None, help="the erased concept: a shape or colour word, e.g. circle")
+    ev.add_argument("--erased", default=None, help="the erased concept: a shape, colour or style word, e.g. circle")
     ev.add_argument("--output", type=Path, required=True, help="folder for metrics.json and grid.png")
-    ev.add_argument("--seeds", type=int, default=16, help="seeds per prompt")
+    ev.add_argument("--seeds", "--num-images", dest="seeds", type=int, default=16,
+                    help="seeds (images) per prompt; --num-images is the same setting's name in `esd evaluate`")
+    ev.add_argument("--prompt-set", default="full", choices=["full", "quick", "base"],
+                    help="full: every phrasing (94 prompts); quick: 34 prompts for sweeps; base: the 12 "
+                         "'a {colour} {shape}' prompts")
     ev.add_argument("--steps", type=int, default=50, help="DDIM steps")
     ev.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     ev.add_argument("--device", default="auto", help="torch device, e.g. cpu or cuda")
@@ -68,6 +78,9 @@ def run(args: argparse.Namespace) -> int:
             cfg.batch_size = args.batch_size
         if args.vae_steps is not None:
             cfg.vae_steps = args.vae_steps
+        if args.eval_seeds is not None:
+            cfg.eval_seeds = args.eval_seeds
+        cfg.warm_start = args.warm_start
         out = train_testbed(
             args.output,
             seed=args.seed,
@@ -93,9 +106,11 @@ def run(args: argparse.Namespace) -> int:
         steps=args.steps,
         guidance=args.guidance,
         classifier_path=args.classifier,
+        prompt_set=args.prompt_set,
     )
-    line = f"shape accuracy {m['shape_accuracy']:.3f}, colour accuracy {m['colour_accuracy']:.3f}"
+    line = ", ".join(f"{kind} accuracy {m[f'{kind}_accuracy']:.3f}" for kind in ("shape", "colour", "style"))
     if m["erased"] is not None:
-        line += f"; erased '{m['erased']}' still shown {m['erased_rate']:.3f}, other {'shapes' if m['erased'] in SHAPES else 'colours'} {m['others_mean_accuracy']:.3f}"
+        line += (f"; erased '{m['erased']}' still shown {m['erased_rate']:.3f}, other {m['erased_kind']}s "
+                 f"mean {m['others_mean_accuracy']:.3f} (min {m['others_min_accuracy']:.3f})")
     print(f"{line} -> {Path(args.output) / 'metrics.json'}")
     return 0

@@ -1,13 +1,21 @@
-"""Measure a testbed pipeline: every "a {colour} {shape}" prompt x fixed seeds, judged by the classifier.
+"""Measure a testbed pipeline: every prompt of the testbed's phrasings x fixed seeds, judged by the classifier.
 
-Efficacy of an erasure is `erased_rate` (share of the erased concept's prompts whose images still show
-it; lower is better); specificity is `others_mean_accuracy` (mean accuracy of the other concepts of the
-same kind: the other shapes when a shape is erased; higher is better).
+The prompts name some of an image's labels, in the phrasings of the training captions: "a {colour} {shape}",
+"a {colour} {shape}, {style}" and every shorter phrasing ("circle", "a circle", "red circle", "circle, red",
+"red", "striped", "a circle, striped"). A prompt is judged on what it names; a prompt naming no style is
+judged on drawing the plain solid fill.
+
+Efficacy of an erasure is `erased_rate` (share of the images of prompts naming the erased concept that still
+show it; lower is better); specificity is the accuracy of every other concept on the prompts that do not name
+the erased one ("a red square" for red after erasing circles, not "a red circle"), reported per concept and as
+`others_mean_accuracy` / `others_min_accuracy` over the other concepts of the same kind.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -16,13 +24,56 @@ from PIL import Image
 
 from esd.errors import EsdError
 from esd.testbed import DEFAULT_TESTBED
-from esd.testbed.classifier import load_classifier
-from esd.testbed.render import COLOURS, SHAPES
+from esd.testbed.captions import phrase
+from esd.testbed.classifier import Prediction, load_classifier
+from esd.testbed.render import COLOURS, SHAPES, SOLID, STYLES, kind_of
+
+CONCEPTS = SHAPES + COLOURS + STYLES
+KIND_WORDS = {"shape": SHAPES, "colour": COLOURS, "style": STYLES}
 
 
-def testbed_prompts() -> list[tuple[str, str, str]]:
-    """(prompt, shape, colour) for every shape x colour, shapes outermost."""
-    return [(f"a {c} {s}", s, c) for s in SHAPES for c in COLOURS]
+@dataclass(frozen=True)
+class PromptSpec:
+    """A prompt and what it names (None: not named; a style that is not named is expected to be solid)."""
+
+    prompt: str
+    shape: str | None = None
+    colour: str | None = None
+    style: str | None = None
+    phrasing: str = ""  # the template, e.g. "a {colour} {shape}, {style}"
+
+    def expected(self, kind: str) -> str | None:
+        """The label the classifier should find for `kind`, or None if the prompt does not constrain it."""
+        if kind == "style":
+            return self.style or SOLID
+        return getattr(self, kind)
+
+
+PROMPT_SETS = ("full", "quick", "base")
+
+
+def testbed_prompts(prompt_set: str = "full") -> list[PromptSpec]:
+    """The evaluation prompts. "full": every phrasing (94 prompts); "quick" (34, for sweeps): the 12
+    "a {colour} {shape}", each with one style (every style 4 times), and the bare words; "base": the 12."""
+    if prompt_set not in PROMPT_SETS:
+        raise EsdError(f"unknown testbed prompt set {prompt_set!r}; choose {', '.join(PROMPT_SETS)}")
+    if prompt_set == "quick":
+        full = testbed_prompts("full")
+        base = full[:12]
+        styled = [PromptSpec(phrase(p.shape, p.colour, y), p.shape, p.colour, y, "a {colour} {shape}, {style}")
+                  for p, y in zip(base, itertools.cycle(STYLES), strict=False)]
+        bare = [p for p in full if p.phrasing in ("{shape}", "{colour}", "{style}")]
+        return base + styled + bare
+    # (shape named?, colour named?, style named?, phrasing variant): the base set first, then the rest.
+    layouts = [(1, 1, 0, 0)] if prompt_set == "base" else [
+        (1, 1, 0, 0), (1, 1, 1, 0), (1, 0, 0, 0), (1, 0, 0, 1), (1, 1, 0, 1), (1, 1, 0, 2), (0, 1, 0, 0),
+        (0, 0, 1, 0), (1, 0, 1, 0)]
+    specs = []
+    for has_s, has_c, has_y, v in layouts:
+        template = phrase("{shape}" if has_s else None, "{colour}" if has_c else None, "{style}" if has_y else None, v)
+        options = (SHAPES if has_s else (None,), COLOURS if has_c else (None,), STYLES if has_y else (None,))
+        specs += [PromptSpec(phrase(s, c, y, v), s, c, y, template) for s, c, y in itertools.product(*options)]
+    return specs
 
 
 def check_concept(erased: str | None) -> str | None:
@@ -30,8 +81,10 @@ def check_concept(erased: str | None) -> str | None:
     if erased is None:
         return None
     word = erased.strip().lower()
-    if word not in SHAPES + COLOURS:
-        raise EsdError(f"unknown testbed concept {erased!r}; valid words: {', '.join(SHAPES + COLOURS)}")
+    try:
+        kind_of(word)
+    except ValueError:
+        raise EsdError(f"unknown testbed concept {erased!r}; valid words: {', '.join(CONCEPTS)}") from None
     return word
 
 
@@ -61,11 +114,68 @@ def generate(
     return images
 
 
-def concept_accuracy(per_prompt: dict[str, dict], kind: str, word: str) -> float:
-    """Share of images of prompts naming `word` (a shape or a colour) where the classifier finds it."""
-    rows = [r for r in per_prompt.values() if r[kind] == word]
-    hits = sum(r[f"{kind}_hits"] for r in rows)
-    return hits / sum(r["n"] for r in rows)
+def judge(specs: list[PromptSpec], preds: list[Prediction], per_prompt: int) -> dict[str, dict]:
+    """Per prompt: what it names and, for each kind it constrains, how many images show the expected label."""
+    rows = {}
+    for k, spec in enumerate(specs):
+        found = preds[k * per_prompt : (k + 1) * per_prompt]
+        row = {**asdict(spec), "n": len(found)}
+        for kind in KIND_WORDS:
+            want = spec.expected(kind)
+            if want is not None:
+                hits = sum(getattr(p, kind) == want for p in found)
+                row[f"{kind}_hits"], row[f"{kind}_accuracy"] = hits, hits / len(found)
+        row["found"] = [[p.shape, p.colour, p.style] for p in found]
+        rows[spec.prompt] = row
+    return rows
+
+
+def names(row: dict, word: str) -> bool:
+    """Whether a prompt row names `word` (as its shape, colour or style)."""
+    return word in (row["shape"], row["colour"], row["style"])
+
+
+def concept_accuracy(per_prompt: dict[str, dict], kind: str, word: str, without: str | None = None) -> float | None:
+    """Share of images of prompts whose expected `kind` label is `word` where the classifier finds it, over the
+    prompts that do not name `without` (the erased word: its prompts measure efficacy, the others specificity);
+    None when no prompt qualifies."""
+    rows = [r for r in per_prompt.values() if (r[kind] or (SOLID if kind == "style" else None)) == word
+            and (without is None or word == without or not names(r, without))]
+    n = sum(r["n"] for r in rows)
+    return sum(r[f"{kind}_hits"] for r in rows) / n if n else None
+
+
+def by_phrasing(per_prompt: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """Accuracy per kind for each phrasing template ("a {colour} {shape}", "{shape}", ...)."""
+    groups: dict[str, list[dict]] = {}
+    for r in per_prompt.values():
+        groups.setdefault(r["phrasing"] or r["prompt"], []).append(r)
+    return {
+        name: {kind: sum(r[f"{kind}_hits"] for r in rows) / sum(r["n"] for r in rows)
+               for kind in KIND_WORDS if all(f"{kind}_hits" in r for r in rows)}
+        for name, rows in groups.items()
+    }
+
+
+def summarise(per_prompt: dict[str, dict], erased: str | None) -> dict:
+    """Accuracy per kind and per concept, and for an erased word its rate and the others of its kind."""
+    out = {}
+    for kind in KIND_WORDS:  # every prompt constrains the style (unnamed: solid), not every one shape or colour
+        rows = [r for r in per_prompt.values() if f"{kind}_hits" in r]
+        out[f"{kind}_accuracy"] = sum(r[f"{kind}_hits"] for r in rows) / max(1, sum(r["n"] for r in rows))
+    out["by_phrasing"] = by_phrasing(per_prompt)
+    words = [(kind, w) for kind, ws in KIND_WORDS.items() for w in ws] + [("style", SOLID)]
+    per_concept = {w: acc for kind, w in words if (acc := concept_accuracy(per_prompt, kind, w, erased)) is not None}
+    out["per_concept"] = per_concept
+    if erased is not None:
+        if erased not in per_concept:
+            raise EsdError(f"no evaluation prompt names {erased!r}; use the full prompt set")
+        others = [w for w in KIND_WORDS[kind_of(erased)] if w != erased and w in per_concept]
+        out["erased_kind"] = kind_of(erased)
+        out["erased_rate"] = per_concept[erased]
+        out["others_mean_accuracy"] = sum(per_concept[w] for w in others) / len(others)
+        out["others_min_accuracy"] = min(per_concept[w] for w in others)
+    return out
 
 
 def evaluate_testbed(
@@ -76,7 +186,8 @@ def evaluate_testbed(
     steps: int = 50,
     guidance: float = 7.5,
     classifier_path: str | Path | None = None,
-    batch_size: int = 64,
+    batch_size: int = 128,
+    prompt_set: str = "full",
 ) -> dict:
     """Generate, classify and write `metrics.json` and `grid.png` to `output_dir`; returns the metrics."""
     erased = check_concept(erased)
@@ -87,56 +198,39 @@ def evaluate_testbed(
     out.mkdir(parents=True, exist_ok=True)
     pipe.set_progress_bar_config(disable=True)
 
-    prompts = testbed_prompts()
+    specs = testbed_prompts(prompt_set)
     seeds = list(range(seeds_per_prompt))
-    images = generate(pipe, [p for p, _, _ in prompts], seeds, steps, guidance, batch_size)
-    preds = classifier.classify(images)
-
-    per_prompt = {}
-    for k, (prompt, shape, colour) in enumerate(prompts):
-        found = preds[k * seeds_per_prompt : (k + 1) * seeds_per_prompt]
-        shape_hits = sum(p.shape == shape for p in found)
-        colour_hits = sum(p.colour == colour for p in found)
-        per_prompt[prompt] = {
-            "shape": shape,
-            "colour": colour,
-            "n": len(found),
-            "shape_hits": shape_hits,
-            "colour_hits": colour_hits,
-            "shape_accuracy": shape_hits / len(found),
-            "colour_accuracy": colour_hits / len(found),
-            "found": [[p.shape, p.colour] for p in found],
-        }
-    per_concept = {s: concept_accuracy(per_prompt, "shape", s) for s in SHAPES}
-    per_concept |= {c: concept_accuracy(per_prompt, "colour", c) for c in COLOURS}
-    n = len(preds)
+    images = generate(pipe, [s.prompt for s in specs], seeds, steps, guidance, batch_size)
+    per_prompt = judge(specs, classifier.classify(images), seeds_per_prompt)
     metrics = {
         "erased": erased,
+        "prompt_set": prompt_set,
         "seeds_per_prompt": seeds_per_prompt,
         "steps": steps,
         "guidance": guidance,
-        "n_images": n,
-        "shape_accuracy": sum(r["shape_hits"] for r in per_prompt.values()) / n,
-        "colour_accuracy": sum(r["colour_hits"] for r in per_prompt.values()) / n,
-        "per_concept": per_concept,
+        "n_images": len(images),
+        **summarise(per_prompt, erased),
         "per_prompt": per_prompt,
     }
-    if erased is not None:
-        same_kind = SHAPES if erased in SHAPES else COLOURS
-        others = [w for w in same_kind if w != erased]
-        metrics["erased_rate"] = per_concept[erased]
-        metrics["others_mean_accuracy"] = sum(per_concept[w] for w in others) / len(others)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    write_grid(images, len(prompts), seeds_per_prompt, out / "grid.png")
+    write_grid(images, [s.prompt for s in specs], seeds_per_prompt, out / "grid.png")
     return metrics
 
 
-def write_grid(images: list[Image.Image], n_prompts: int, per_prompt: int, path: Path, max_cols: int = 8) -> None:
-    """Rows are prompts (shapes outermost), columns the first `max_cols` seeds; shown at 2x."""
+def write_grid(images: list[Image.Image], prompts: list[str], per_prompt: int, path: Path, max_cols: int = 8) -> None:
+    """Rows are prompts, labelled on the left; columns the first `max_cols` seeds, labelled on top; shown at 2x."""
+    from PIL import ImageDraw
+
     cols = min(per_prompt, max_cols)
     w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, n_prompts * h), "white")
-    for r in range(n_prompts):
+    scale, left, top = 2, 150, 14
+    grid = Image.new("RGB", (left + cols * w * scale, top + len(prompts) * h * scale), "white")
+    draw = ImageDraw.Draw(grid)
+    for c in range(cols):
+        draw.text((left + c * w * scale + 2, 1), f"seed {c}", fill="black")
+    for r, prompt in enumerate(prompts):
+        y = top + r * h * scale
+        draw.text((2, y + h * scale // 2 - 6), prompt[:24], fill="black")
         for c in range(cols):
-            grid.paste(images[r * per_prompt + c], (c * w, r * h))
-    grid.resize((2 * grid.width, 2 * grid.height), Image.NEAREST).save(path)
+            grid.paste(images[r * per_prompt + c].resize((w * scale, h * scale), Image.NEAREST), (left + c * w * scale, y))
+    grid.save(path)
