@@ -136,9 +136,10 @@ def test_penalty_gradient_separates_a_random_encoder():
     torch.manual_seed(0)
     enc = tiny_text_encoder(32)
     prompts, picks = probes()
-    from esd.testbed.text import probe_tokens, probe_vectors
+    from esd.testbed.text import probe_vectors
+    from esd.tokenizer import padded_ids
 
-    tokens, mask = probe_tokens(prompts), pair_mask([lab for _, _, lab in picks])
+    tokens, mask = padded_ids(prompts), pair_mask([lab for _, _, lab in picks])
     opt = torch.optim.Adam(enc.parameters(), lr=1e-2)
     first = None
     for _ in range(15):

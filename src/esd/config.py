@@ -74,7 +74,7 @@ class EraseConfig:
                                                  meta={"choices": ["esd", "frozen"]})
     batch_size: int = _opt("examples (w, k, z_T) per Adam step, per process (paper: 1)", default=1)
     lr_schedule: Literal["constant", "cosine"] = _opt(
-        "learning rate over the run: constant (the paper) or cosine decay to 0, which lets a run at a large "
+        "learning rate over the run: constant (the paper) or cosine decay to 0, meant to let a run at a large "
         "--lr settle instead of ending mid-oscillation", default="constant", meta={"choices": ["constant", "cosine"]})
     grad_clip: float = _opt("clip the gradient norm of the trained parameters to this value (0: off, the paper)",
                             default=0.0)

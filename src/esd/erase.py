@@ -157,7 +157,7 @@ def lr_factor(cfg: EraseConfig, step: int) -> float:
     """Multiplier of --lr at optimizer step `step`: 1 (constant, the paper) or a cosine decay to 0 over the run.
 
     With the large learning rates a small model needs, a constant-lr run ends wherever its last noisy steps
-    left it; decaying the rate lets θ settle (measured in docs/testbed.md).
+    left it; decaying the rate is meant to let θ settle (docs/testbed.md, "Oscillation and the opt-in fixes").
     """
     if cfg.lr_schedule == "constant":
         return 1.0

@@ -59,3 +59,10 @@ def write_clip_tokenizer(bpe_gz: str | Path, out_dir: str | Path = TOKENIZER_DIR
 def clip_tokenizer(path: str | Path = TOKENIZER_DIR, **overrides) -> CLIPTokenizer:
     """Load the shipped (or a given) CLIP tokenizer folder, offline; `pad_token="!"` gives SD2's."""
     return CLIPTokenizer.from_pretrained(str(path), local_files_only=True, **overrides)
+
+
+def padded_ids(texts: list[str]):
+    """Token ids (n, 77) of the shipped tokenizer, padded and truncated exactly as an SD pipeline pads prompts."""
+    tok = clip_tokenizer()
+    return tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+               return_tensors="pt").input_ids

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from esd.testbed.render import COLOURS, FILLS, SHAPES, SOLID, STYLES
+from esd.testbed.render import COLOURS, SHAPES, SOLID, STYLES
 
 # Phrasings of (shape, colour), (shape only) and (colour only); a style is appended as ", {style}".
 BOTH = ("a {c} {s}", "{c} {s}", "{s}, {c}", "a {s}, {c}")
@@ -39,15 +39,9 @@ def phrase(shape: str | None, colour: str | None, style: str | None, variant: in
 
 def caption_table() -> list[str]:
     """Every caption `draw_caption` can produce, in a fixed order (index 0 is the empty caption)."""
-    captions = [""]
-    for shape in (None, *SHAPES):
-        for colour in (None, *COLOURS):
-            for style in (None, *STYLES):
-                for variant in range(len(BOTH)):
-                    text = phrase(shape, colour, style, variant)
-                    if text not in captions:
-                        captions.append(text)
-    return captions
+    every = (phrase(s, c, y, v) for s in (None, *SHAPES) for c in (None, *COLOURS) for y in (None, *STYLES)
+             for v in range(len(BOTH)))
+    return list(dict.fromkeys(["", *every]))  # unique, first occurrence order
 
 
 def draw_caption(
@@ -61,7 +55,3 @@ def draw_caption(
     named_colour = colour if rng.random() < p_name else None
     return phrase(named_shape, named_colour, style, int(rng.integers(len(BOTH) * len(SHAPE_ONLY) * len(COLOUR_ONLY))))
 
-
-def style_index(style: str) -> int:
-    """Index of a fill into FILLS (solid first)."""
-    return FILLS.index(style)

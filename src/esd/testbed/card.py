@@ -83,9 +83,8 @@ def write_model_card(
 
 
 def _classifier_line(state: dict) -> str:
+    """Per-head accuracy of the classifier, as `finish` records it from the classifier's config.json."""
     acc = state.get("classifier_accuracy", {})
-    if not isinstance(acc, dict):
-        return f"{acc:.4f} accuracy"
     return ", ".join(f"{k} {acc[f'{k}_accuracy']:.1%}" for k in ("shape", "colour", "style") if f"{k}_accuracy" in acc)
 
 

@@ -19,9 +19,9 @@ from transformers import CLIPTextModel
 
 from esd.testbed.captions import caption_table, draw_caption
 from esd.testbed.render import COLOURS, FILLS, SHAPES, SIZE, render_batch
-from esd.testbed.text import distinct_penalty, pair_mask, probe_tokens, probes
+from esd.testbed.text import distinct_penalty, pair_mask, probes
 from esd.tiny import sd_pipeline, tiny_scheduler, tiny_text_encoder
-from esd.tokenizer import clip_tokenizer
+from esd.tokenizer import padded_ids
 
 VAE_FACTOR = 2  # 32 px -> 16x16 latents: shapes stay distinct, the UNet stays cheap
 LATENT_SIZE = SIZE // VAE_FACTOR
@@ -153,14 +153,6 @@ def to_unit(images: torch.Tensor) -> torch.Tensor:
     return images.float() / 127.5 - 1
 
 
-def tokenize(captions: list[str]) -> torch.Tensor:
-    """Token ids (n, 77), padded exactly as the pipeline pads prompts at inference."""
-    tok = clip_tokenizer()
-    return tok(
-        captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
-
-
 def step_generator(seed: int, phase: int, step: int) -> torch.Generator:
     """A CPU generator fixed by (seed, phase, step): a resumed run draws the same batches as an unbroken one."""
     return torch.Generator().manual_seed(seed * 1_000_003 + phase * 100_000_007 + step)
@@ -229,7 +221,7 @@ def probe_data(device: str) -> dict:
     """Tokens, positions and pair mask of the concept-word vectors the separation penalty compares."""
     prompts, picks = probes()
     return {
-        "probe_tokens": probe_tokens(prompts).to(device),
+        "probe_tokens": padded_ids(prompts).to(device),
         "probe_rows": torch.tensor([p for p, _, _ in picks], device=device),
         "probe_cols": torch.tensor([c for _, c, _ in picks], device=device),
         "probe_mask": pair_mask([lab for _, _, lab in picks]).to(device),
@@ -298,7 +290,7 @@ def latent_data(vae: AutoencoderKL, cfg: TrainConfig, pool, labels, state: dict,
         "std": std,
         "scale": state["scaling_factor"],
         "labels": labels,  # (n, 3): shape, colour, style indices
-        "tokens": tokenize(caption_table()).to(device),
+        "tokens": padded_ids(caption_table()).to(device),
         **probe_data(device),
         "alphas_cumprod": build_scheduler().alphas_cumprod.to(device),
     }

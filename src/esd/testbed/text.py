@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from esd.testbed.captions import phrase
 from esd.testbed.render import COLOURS, SHAPES, STYLES
-from esd.tokenizer import clip_tokenizer
+from esd.tokenizer import clip_tokenizer, padded_ids
 
 WORDS = SHAPES + COLOURS + STYLES
 
@@ -52,13 +52,6 @@ def probes() -> tuple[list[str], list[tuple[int, int, str]]]:
     return prompts, picks
 
 
-def probe_tokens(prompts: list[str]) -> torch.Tensor:
-    """Token ids (n, 77), padded as the pipeline pads prompts."""
-    tok = clip_tokenizer()
-    return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-               return_tensors="pt").input_ids
-
-
 def probe_vectors(text_encoder: torch.nn.Module, tokens: torch.Tensor, picks: list[tuple[int, int, str]]) -> torch.Tensor:
     """The encoder's outputs at the picked positions, (len(picks), D)."""
     hidden = text_encoder(tokens.to(text_encoder.device))[0]  # (n, 77, D)
@@ -91,7 +84,7 @@ def similarity_report(text_encoder: torch.nn.Module) -> dict[str, float]:
     `same_kind_*` (e.g. circle vs square only, in the same context) and `eos_*` (end-of-text of bare words and "").
     """
     prompts, picks = probes()
-    vecs = F.normalize(probe_vectors(text_encoder, probe_tokens(prompts), picks).float(), dim=-1)
+    vecs = F.normalize(probe_vectors(text_encoder, padded_ids(prompts), picks).float(), dim=-1)
     cos = vecs @ vecs.T
     labels = [lab for _, _, lab in picks]
     rows = [p for p, _, _ in picks]
