@@ -23,7 +23,7 @@ from pathlib import Path
 from esd.cli import add_config_arguments, config_from_args, explicit_fields
 from esd.models import TESTBED, load_pipeline
 from esd.testbed.evaluate import CONCEPTS, evaluate_testbed
-from esd.testbed.render import kind_of
+from esd.testbed.render import SOLID, kind_of
 
 # The bar (issue "Erasure that holds"): the erased concept's largest rate, and how far below the base each other
 # kind may fall, by the kind erased.
@@ -49,13 +49,17 @@ def measure(pipe, erased: str, args, out: Path) -> dict:
     return {k: m[k] for k in keys} | {"phrasings": {t: h / n for t, (h, n) in groups.items()}}
 
 
+# Every concept the bar covers: the words, and the solid fill a prompt without a style word asks for.
+MEASURED = [*CONCEPTS, SOLID]
+
+
 def verdict(word: str, base: dict, seeds: list[dict]) -> dict[str, bool]:
     """Per concept: does the bar hold on every seed?"""
     kind = kind_of(word)
     ok = {word: all(s["per_concept"][word] <= ERASED_MAX[kind] for s in seeds)}
-    for other in CONCEPTS:
+    for other in MEASURED:
         if other != word:
-            allowed = ALLOWANCE[kind][kind_of(other)]
+            allowed = ALLOWANCE[kind]["style" if other == SOLID else kind_of(other)]
             ok[other] = all(s["per_concept"][other] >= base["per_concept"][other] - allowed for s in seeds)
     return ok
 
@@ -64,7 +68,7 @@ def table(word: str, base: dict, seeds: list[dict], erase_seeds: list[int]) -> s
     ok = verdict(word, base, seeds)
     head = "| concept | base | " + " | ".join(f"seed {s}" for s in erase_seeds) + " | min | mean | max | bar |"
     lines = [head, "|" + "---|" * (len(erase_seeds) + 6)]
-    for c in [word] + [c for c in CONCEPTS if c != word]:
+    for c in [word] + [c for c in MEASURED if c != word]:
         vals = [s["per_concept"][c] for s in seeds]
         cells = " | ".join(f"{v:.1%}" for v in vals)
         name = f"**{c}** (erased)" if c == word else c

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 from esd.errors import EsdError
+from esd.phrasing import retain_pool
 
 # Parameter sets (docs/design.md, "Parameter sets"). Aliases are the names the paper and the 2025 code use.
 Method = Literal["xattn", "noxattn", "selfattn", "full", "notime", "xlayer", "selflayer", "x-strict"]
@@ -69,6 +70,16 @@ class EraseConfig:
                                  "erases one of them at random", default=None)
     erase_from: str | None = _opt("erase the concept only from this context (2025 code): x_t is sampled with it "
                                   "and the trained prediction uses it", default=None)
+    contexts: list[str] | None = _opt(
+        "opt-in: phrasings to erase the concept in, '{}' standing for it (e.g. '{}' 'a {}' 'a red {}'); each "
+        "iteration picks one, and the guidance starts from the phrasing without the concept ('a red') instead of "
+        "'', so the other words keep their meaning (default: the concept alone, the paper)", default=None,
+        meta={"nargs": "+"})
+    retain: list[str] | None = _opt(
+        "opt-in: prompts to keep; each iteration also holds the trained model's prediction for one of them to the "
+        "frozen model's at the same x_t (prompts naming a concept being erased are skipped)", default=None,
+        meta={"nargs": "+"})
+    retain_weight: float = _opt("weight of the --retain term against the erase term", default=1.0)
     sample_from: Literal["esd", "frozen"] = _opt("which model samples x_t: esd (the one being trained, the "
                                                  "paper) or frozen (the 2025 code)", default="esd",
                                                  meta={"choices": ["esd", "frozen"]})
@@ -137,6 +148,17 @@ class EraseConfig:
             if getattr(self, name) not in choices:
                 raise EsdError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "
                                f"got {getattr(self, name)!r}")
+        if not math.isfinite(self.retain_weight) or self.retain_weight < 0:
+            raise EsdError(f"--retain-weight must be a finite number >= 0, got {self.retain_weight}")
+        for context in self.contexts or []:
+            if context.count("{}") != 1:
+                raise EsdError(f"--contexts {context!r} must hold '{{}}' exactly once, where the concept goes, "
+                               "e.g. 'a red {}'")
+        if self.retain and not retain_pool(self.retain, self.concepts):
+            raise EsdError(f"every --retain prompt names a concept being erased ({', '.join(self.concepts)}): "
+                           "give prompts to keep that do not")
+        if self.contexts and self.erase_from:
+            raise EsdError("--contexts and --erase-from both set where the guidance starts: give one of them")
         if self.erase_from is not None and not self.erase_from.strip():
             raise EsdError("--erase-from is empty: give the context concept or leave the flag out")
         if self.devices is not None and len(self.devices.split(",")) != 2:
