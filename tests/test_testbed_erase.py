@@ -6,9 +6,9 @@ import json
 import pytest
 
 from esd.cli import main
+from esd.evaluate.generate import generate_product
 from esd.models import TESTBED, apply_esd_weights, load_pipeline
 from esd.testbed.classifier import load_classifier
-from esd.testbed.evaluate import generate
 
 needs_testbed = pytest.mark.skipif(not (TESTBED / "model_index.json").is_file(), reason="models/testbed missing")
 PROMPTS = ["a red circle", "circle", "a green square", "a yellow square"]
@@ -17,7 +17,7 @@ SEEDS = list(range(6))
 
 def _rates(pipe) -> dict[str, float]:
     """Share of each prompt's images in which the classifier finds the prompted shape."""
-    images = generate(pipe, PROMPTS, SEEDS, steps=20, guidance=7.5, batch_size=48)
+    images = generate_product(pipe, PROMPTS, SEEDS, steps=20, guidance=7.5, batch_size=48)
     preds = load_classifier(TESTBED / "classifier").classify(images)
     n = len(SEEDS)
     rates = {p: sum(pr.shape == p.split()[-1] for pr in preds[i * n:(i + 1) * n]) / n for i, p in enumerate(PROMPTS)}

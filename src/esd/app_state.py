@@ -223,7 +223,7 @@ class EsdApp:
 
         Returns (original [(image, caption)], erased [(image, caption)], verdict rows).
         """
-        from esd.evaluate.generate import DEFAULT_GUIDANCE, generate
+        from esd.evaluate.generate import DEFAULT_GUIDANCE, generate_product
 
         steps, per_prompt, seed = int(steps), int(per_prompt), int(seed)
         if not 1 <= steps <= MAX_SAMPLE_STEPS or not 1 <= per_prompt <= MAX_IMAGES_PER_PROMPT:
@@ -233,11 +233,12 @@ class EsdApp:
         run = self.run_dir(run_name)
         concepts = run_metadata(run)[0].concepts
         prompts = [prompt.strip(), *self.unrelated_prompts(concepts)]
-        jobs = [(p, seed + k) for p in prompts for k in range(per_prompt)]
+        seeds = [seed + k for k in range(per_prompt)]
+        jobs = [(p, s) for p in prompts for s in seeds]  # the order generate_product makes them in
         with self.model_busy():
-            original = generate(self.pipe, [p for p, _ in jobs], [s for _, s in jobs], steps, DEFAULT_GUIDANCE)
+            original = generate_product(self.pipe, prompts, seeds, steps, DEFAULT_GUIDANCE)
             with applied_weights(self.pipe.unet, run / "esd.safetensors"):
-                erased = generate(self.pipe, [p for p, _ in jobs], [s for _, s in jobs], steps, DEFAULT_GUIDANCE)
+                erased = generate_product(self.pipe, prompts, seeds, steps, DEFAULT_GUIDANCE)
         verdicts = self.verdicts(jobs, original, erased)
         captions = [f"{p} · seed {s}" for p, s in jobs]
         return list(zip(original, captions, strict=True)), list(zip(erased, captions, strict=True)), verdicts

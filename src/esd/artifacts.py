@@ -12,7 +12,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from esd.config import ETA_CONVENTION, EraseConfig  # noqa: E402
-from esd.evaluate.generate import DEFAULT_GUIDANCE, generate  # noqa: E402
+from esd.evaluate.generate import DEFAULT_GUIDANCE, generate_product  # noqa: E402
+from esd.evaluate.report import save_image  # noqa: E402
+from esd.grids import CELL, make_grid  # noqa: E402
 from esd.models import describe_model, grid_prompts  # noqa: E402
 from esd.selection import group_table  # noqa: E402
 from esd.weights import atomic_path  # noqa: E402
@@ -27,10 +29,8 @@ def grid_spec(pipe, cfg: EraseConfig) -> list[str]:
 
 
 def _images(pipe, cfg: EraseConfig, size: int) -> list[Image.Image]:
-    prompts = grid_spec(pipe, cfg)
-    pairs = [(p, cfg.seed + s) for p in prompts for s in GRID_SEEDS]
-    return generate(pipe, [p for p, _ in pairs], [s for _, s in pairs], cfg.grid_steps, DEFAULT_GUIDANCE, size,
-                    progress=True)
+    seeds = [cfg.seed + s for s in GRID_SEEDS]
+    return generate_product(pipe, grid_spec(pipe, cfg), seeds, cfg.grid_steps, DEFAULT_GUIDANCE, size, progress=True)
 
 
 def before_images(pipe, cfg: EraseConfig, size: int) -> list[Image.Image]:
@@ -41,21 +41,9 @@ def before_images(pipe, cfg: EraseConfig, size: int) -> list[Image.Image]:
 def write_grid(path: Path, prompts: list[str], before: list[Image.Image], after: list[Image.Image]) -> None:
     """Rows: prompts; columns: the same seeds before and after erasing."""
     n = len(GRID_SEEDS)
-    fig, axes = plt.subplots(len(prompts), 2 * n, figsize=(2 * n * 1.8, len(prompts) * 1.9), squeeze=False)
-    for r, prompt in enumerate(prompts):
-        for c in range(2 * n):
-            image = (before if c < n else after)[r * n + c % n]
-            ax = axes[r][c]
-            ax.imshow(image)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(("before" if c < n else "after") + f", seed +{GRID_SEEDS[c % n]}", fontsize=8)
-        axes[r][0].set_ylabel(prompt[:28], fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    cells = [im for r in range(len(prompts)) for im in before[r * n : (r + 1) * n] + after[r * n : (r + 1) * n]]
+    labels = [f"{when}, seed +{s}" for when in ("before", "after") for s in GRID_SEEDS]
+    save_image(make_grid(cells, 2 * n, row_labels=[p[:28] for p in prompts], col_labels=labels, cell=CELL), path)
 
 
 def write_loss_plot(path: Path, losses: list[float]) -> None:

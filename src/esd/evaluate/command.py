@@ -25,7 +25,8 @@ from esd.evaluate.generate import DEFAULT_GUIDANCE, DEFAULT_STEPS, PromptRow, ge
 from esd.evaluate.images import check_manifest, check_readable, image_records, write_manifest
 from esd.evaluate.prompts import read_labelled_prompts, write_prompt_csv
 from esd.evaluate.provenance import model_hashes, package_versions, sha256_file
-from esd.evaluate.report import Report, Table, beside, image_grid, save_image, side_by_side, write_report
+from esd.evaluate.report import Report, Table, image_grid, save_image, side_by_side, write_report
+from esd.grids import beside
 from esd.models import TESTBED, load_pipeline, resolve_device
 from esd.weights import apply_esd_weights, atomic_path
 

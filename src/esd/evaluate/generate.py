@@ -1,4 +1,7 @@
-"""Image generation for `esd generate`, grids and evaluation suites.
+"""Image generation for `esd generate`, erase previews, evaluation suites, the testbed and the app.
+
+`generate` is the one generator: several prompts and seeds per UNet call, each image from its own CPU
+generator, so an image depends only on its (prompt, seed), not on the batch it was made in.
 
 Prompt CSVs follow the ESD evaluation format: columns `case_number, prompt, evaluation_seed` and an
 optional `evaluation_guidance`. Images are written as `{case_number}_{k}.png`, k = 0..num_images-1;
@@ -60,7 +63,8 @@ def read_prompts(path: str | Path) -> list[PromptRow]:
 def generate(pipe, prompts: list[str], seeds: list[int], steps: int = DEFAULT_STEPS,
              guidance: float = DEFAULT_GUIDANCE, size: int | None = None, batch_size: int = 8,
              progress: bool = False) -> list[Image.Image]:
-    """One image per (prompt, seed), each from its own CPU generator so batching does not change it."""
+    """One image per (prompts[i], seeds[i]), `batch_size` per pipeline call; each image has its own CPU
+    generator seeded with its seed, so batching and the device do not change which noise it starts from."""
     images: list[Image.Image] = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="images", disable=not progress, leave=False):
         chunk = slice(start, start + batch_size)
@@ -68,6 +72,14 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int = DEFAULT_ST
         images += pipe(prompt=prompts[chunk], generator=generators, num_inference_steps=steps,
                        guidance_scale=guidance, height=size, width=size).images
     return images
+
+
+def generate_product(pipe, prompts: list[str], seeds: list[int], steps: int = DEFAULT_STEPS,
+                     guidance: float = DEFAULT_GUIDANCE, size: int | None = None, batch_size: int = 8,
+                     progress: bool = False) -> list[Image.Image]:
+    """Every prompt with every seed, prompt-major: image i * len(seeds) + j is (prompts[i], seeds[j])."""
+    jobs = [(p, s) for p in prompts for s in seeds]
+    return generate(pipe, [p for p, _ in jobs], [s for _, s in jobs], steps, guidance, size, batch_size, progress)
 
 
 def generate_rows(pipe, rows: list[PromptRow], output: str | Path, num_images: int = 1,

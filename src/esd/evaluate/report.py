@@ -3,6 +3,7 @@
 A suite fills a `Report` (settings, tables, images); the same object renders to `report.md` and
 `report.html`, so the two can never disagree. Grids put prompts in rows and seeds in columns; with a
 reference model, `side_by_side` shows its images next to the evaluated model's for the same prompt and seed.
+The grids themselves are built by `esd.grids.make_grid`.
 """
 
 from __future__ import annotations
@@ -14,10 +15,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from esd.grids import CELL, beside, make_grid
 from esd.weights import atomic_path
-
-CELL = 128  # grid cell side in pixels: small models' 32 px images are scaled up to stay visible
-GAP = 8
 
 
 @dataclass
@@ -101,28 +100,20 @@ def write_report(report: Report, folder: str | Path) -> tuple[Path, Path]:
 
 
 def image_grid(rows: list[list[Path]], cell: int = CELL) -> Image.Image:
-    """Rows of image files as one picture, each image scaled to `cell` x `cell`."""
+    """Rows of image files as one picture, each image scaled to `cell` x `cell`; short rows end blank."""
     cols = max(len(r) for r in rows)
-    grid = Image.new("RGB", (cols * cell, len(rows) * cell), "white")
-    for r, paths in enumerate(rows):
-        for c, path in enumerate(paths):
+    images: list[Image.Image | None] = []
+    for paths in rows:
+        for path in paths:
             with Image.open(path) as image:
-                grid.paste(image.convert("RGB").resize((cell, cell), Image.NEAREST if image.width < cell
-                                                       else Image.BICUBIC), (c * cell, r * cell))
-    return grid
+                images.append(image.convert("RGB"))
+        images += [None] * (cols - len(paths))
+    return make_grid(images, cols, cell=cell)
 
 
 def side_by_side(left: list[list[Path]], right: list[list[Path]], cell: int = CELL) -> Image.Image:
     """Two grids of the same prompts and seeds next to each other, with a gap between them."""
     return beside(image_grid(left, cell), image_grid(right, cell))
-
-
-def beside(a: Image.Image, b: Image.Image) -> Image.Image:
-    """Picture `a` on the left, `b` on the right, a white gap between them."""
-    out = Image.new("RGB", (a.width + GAP + b.width, max(a.height, b.height)), "white")
-    out.paste(a, (0, 0))
-    out.paste(b, (a.width + GAP, 0))
-    return out
 
 
 def save_image(image: Image.Image, path: str | Path) -> Path:

@@ -18,11 +18,13 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from esd.errors import EsdError
+from esd.evaluate.generate import generate_product
+from esd.evaluate.report import save_image
+from esd.grids import make_grid
 from esd.testbed import DEFAULT_TESTBED
 from esd.testbed.captions import phrase
 from esd.testbed.classifier import Prediction, load_classifier
@@ -97,21 +99,6 @@ def find_classifier(pipe: StableDiffusionPipeline, classifier_path: str | Path |
     if name:
         candidates.insert(0, Path(name) / "classifier")
     return next((c for c in candidates if (c / "config.json").is_file()), candidates[0])
-
-
-@torch.no_grad()
-def generate(
-    pipe: StableDiffusionPipeline, prompts: list[str], seeds: list[int], steps: int, guidance: float, batch_size: int
-) -> list[Image.Image]:
-    """One image per (prompt, seed), prompt-major; the seed fixes the initial noise whatever the batch."""
-    jobs = [(p, s) for p in prompts for s in seeds]
-    images = []
-    for i in range(0, len(jobs), batch_size):
-        chunk = jobs[i : i + batch_size]
-        gens = [torch.Generator().manual_seed(s) for _, s in chunk]  # CPU generators: same noise on every device
-        out = pipe([p for p, _ in chunk], num_inference_steps=steps, guidance_scale=guidance, generator=gens)
-        images += out.images
-    return images
 
 
 def judge(specs: list[PromptSpec], preds: list[Prediction], per_prompt: int) -> dict[str, dict]:
@@ -200,7 +187,7 @@ def evaluate_testbed(
 
     specs = testbed_prompts(prompt_set)
     seeds = list(range(seeds_per_prompt))
-    images = generate(pipe, [s.prompt for s in specs], seeds, steps, guidance, batch_size)
+    images = generate_product(pipe, [s.prompt for s in specs], seeds, steps, guidance, batch_size=batch_size)
     per_prompt = judge(specs, classifier.classify(images), seeds_per_prompt)
     metrics = {
         "erased": erased,
@@ -219,18 +206,8 @@ def evaluate_testbed(
 
 def write_grid(images: list[Image.Image], prompts: list[str], per_prompt: int, path: Path, max_cols: int = 8) -> None:
     """Rows are prompts, labelled on the left; columns the first `max_cols` seeds, labelled on top; shown at 2x."""
-    from PIL import ImageDraw
-
     cols = min(per_prompt, max_cols)
-    w, h = images[0].size
-    scale, left, top = 2, 150, 14
-    grid = Image.new("RGB", (left + cols * w * scale, top + len(prompts) * h * scale), "white")
-    draw = ImageDraw.Draw(grid)
-    for c in range(cols):
-        draw.text((left + c * w * scale + 2, 1), f"seed {c}", fill="black")
-    for r, prompt in enumerate(prompts):
-        y = top + r * h * scale
-        draw.text((2, y + h * scale // 2 - 6), prompt[:24], fill="black")
-        for c in range(cols):
-            grid.paste(images[r * per_prompt + c].resize((w * scale, h * scale), Image.NEAREST), (left + c * w * scale, y))
-    grid.save(path)
+    cells = [images[r * per_prompt + c] for r in range(len(prompts)) for c in range(cols)]
+    grid = make_grid(cells, cols, row_labels=[p[:24] for p in prompts], col_labels=[f"seed {c}" for c in range(cols)],
+                     scale=2)
+    save_image(grid, path)

@@ -25,10 +25,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from esd.errors import EsdError, NonFiniteLossError
+from esd.evaluate.generate import generate_product
+from esd.evaluate.report import save_image
+from esd.grids import make_grid
 from esd.testbed.card import write_model_card
 from esd.testbed.checkpoint import load_checkpoint, save_checkpoint
 from esd.testbed.recipe import (
@@ -45,10 +47,12 @@ from esd.testbed.recipe import (
     vae_step,
     warm_start,
 )
-from esd.testbed.render import COLOURS, SHAPES, SIZE, STYLES
+from esd.testbed.render import COLOURS, SHAPES, STYLES
 from esd.tokenizer import TOKENIZER_DIR
 
 __all__ = ["TrainConfig", "Run", "train_testbed"]
+
+SAMPLE_BATCH = 128  # images per pipeline call of a sample grid: a default grid (21 prompts x 4 seeds) in one call
 
 
 @dataclass
@@ -84,26 +88,13 @@ class Run:
 # ----------------------------------------------------------------------------- side tasks
 
 
-def grid_image(images: list[Image.Image], cols: int) -> Image.Image:
-    """Paste equal-size images into a grid, row-major."""
-    w, h = images[0].size
-    rows = math.ceil(len(images) / cols)
-    grid = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, im in enumerate(images):
-        grid.paste(im, ((i % cols) * w, (i // cols) * h))
-    return grid
-
-
-@torch.no_grad()
 def write_samples(pipe, path: Path, seeds: int = 4, steps: int = 25) -> None:
     """A grid of every "a {colour} {shape}" prompt and each shape in each style (rows) x `seeds` seeds (columns)."""
     prompts = [f"a {c} {s}" for s in SHAPES for c in COLOURS]
     prompts += [f"a {COLOURS[i % len(COLOURS)]} {s}, {y}" for i, (s, y) in enumerate(itertools.product(SHAPES, STYLES))]
-    flat = [p for p in prompts for _ in range(seeds)]
-    gens = [torch.Generator().manual_seed(i) for _ in prompts for i in range(seeds)]
-    images = pipe(flat, num_inference_steps=steps, guidance_scale=7.5, generator=gens).images
+    images = generate_product(pipe, prompts, list(range(seeds)), steps, 7.5, batch_size=SAMPLE_BATCH)
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid_image(images, seeds).resize((seeds * SIZE * 2, len(prompts) * SIZE * 2), Image.NEAREST).save(path)
+    save_image(make_grid(images, seeds, scale=2), path)
 
 
 # ----------------------------------------------------------------------------- phases
