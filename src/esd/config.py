@@ -101,7 +101,18 @@ class EraseConfig:
         "forward among the ~N/2+3 an iteration runs (--no-gradient-checkpointing to turn off)", default=True)
     image_size: int | None = _opt("image side in pixels (default: the model's own, e.g. 512 for SD1.x)",
                                   default=None)
-    save_every: int = _opt("write esd.safetensors every N iterations (0: only at the end)", default=100)
+    save_every: int = _opt("write a checkpoint (OUTPUT/checkpoint-N: θ, Adam and random states, to resume from) and "
+                           "esd.safetensors every N iterations (0: off); Ctrl-C and SIGTERM always write one, and a "
+                           "finished run removes them", default=100)
+    save_every_seconds: float = _opt("also write one when this many seconds have passed since the last, so short "
+                                     "and slow runs are covered too (0: off)", default=300.0)
+    checkpoints_total_limit: int = _opt("keep the newest N checkpoints, deleting older ones (0: keep all)",
+                                        default=2)
+    resume: str | None = _opt("go on from a checkpoint even if its settings differ: 'latest' (the highest in "
+                              "--output) or a checkpoint-N folder (default: the same command on an --output "
+                              "holding a checkpoint resumes it when its settings match, and refuses otherwise)",
+                              default=None, meta={"metavar": "latest|PATH"})
+    overwrite: bool = _opt("start again in an --output that holds checkpoints, deleting them", default=False)
     save_compvis: bool = _opt("also write the erased model as one CompVis file (for AUTOMATIC1111/ComfyUI); "
                               "a CompVis base keeps all its other tensors", default=False)
     compvis_format: Literal["safetensors", "ckpt"] = _opt("file format of --save-compvis", default="safetensors",
@@ -135,11 +146,17 @@ class EraseConfig:
         if self.lr <= 0:
             raise EsdError(f"--lr must be > 0, got {self.lr}")
         for name, low in (("iterations", 1), ("ddim_steps", 1), ("save_every", 0), ("grid_steps", 0),
-                          ("batch_size", 1), ("trajectory_reuse", 1)):
+                          ("batch_size", 1), ("trajectory_reuse", 1), ("checkpoints_total_limit", 0)):
             if getattr(self, name) < low:
                 raise EsdError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
         if self.image_size is not None and (self.image_size < 8 or self.image_size % 8):
             raise EsdError(f"--image-size must be a positive multiple of 8, got {self.image_size}")
+        if not math.isfinite(self.save_every_seconds) or self.save_every_seconds < 0:
+            raise EsdError(f"--save-every-seconds must be a finite number >= 0 (0: off), got {self.save_every_seconds}")
+        if self.resume is not None and self.overwrite:
+            raise EsdError("--resume and --overwrite both set: go on from a checkpoint, or start again")
+        if self.resume is not None and not self.resume.strip():
+            raise EsdError("--resume is empty: give 'latest' or a checkpoint folder")
         if not math.isfinite(self.grad_clip) or self.grad_clip < 0:
             raise EsdError(f"--grad-clip must be a finite number >= 0 (0: off), got {self.grad_clip}")
         for name, choices in (("sample_from", ("esd", "frozen")), ("precision", ("fp32", "bf16", "fp16")),

@@ -18,6 +18,7 @@ import contextlib
 import functools
 import math
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from esd import __version__
+from esd import __version__, resume
 from esd.config import ETA_CONVENTION, EraseConfig
 from esd.distributed import (
     Dist,
@@ -129,6 +130,19 @@ class Slot:
     @classmethod
     def seeded(cls, seed: int) -> Slot:
         return cls(random.Random(seed), torch.Generator().manual_seed(seed))
+
+    def state_dict(self) -> dict:
+        """Everything the slot's next draws depend on (for checkpoints: plain data and CPU tensors)."""
+        return {"rng": self.rng.getstate(), "gen": self.gen.get_state(), "concept": self.concept,
+                "context": self.context, "kept": self.kept, "trajectory": [x.cpu() for x in self.trajectory],
+                "uses_left": self.uses_left}
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        self.rng.setstate(state["rng"])
+        self.gen.set_state(state["gen"])
+        self.concept, self.context, self.kept = state["concept"], state["context"], state["kept"]
+        self.trajectory = [x.to(device) for x in state["trajectory"]]
+        self.uses_left = state["uses_left"]
 
 
 @torch.no_grad()
@@ -308,6 +322,8 @@ def erase(cfg: EraseConfig, pipe=None, progress: bool = True,
     With `explicit` (the fields the user set, as the CLI passes), settings the model folder recommends
     in its esd.json fill in the others, and the model card says so.
     Under torchrun/`accelerate launch` each process draws its own examples and gradients are averaged.
+    A checkpoint in the output folder is resumed (`esd.resume.resume_point`). Stopping early, Ctrl-C and
+    SIGTERM (and on_step raising KeyboardInterrupt) save a checkpoint; the last two then raise KeyboardInterrupt.
     """
     from esd.artifacts import before_images, write_outputs  # plotting/imaging only when needed
 
@@ -315,6 +331,7 @@ def erase(cfg: EraseConfig, pipe=None, progress: bool = True,
     cfg, pipe, device, d, params = s.cfg, s.pipe, s.device, s.dist, s.params
     progress = progress and d.main
     out = Path(cfg.output or cfg.default_output())
+    checkpoint = resume.resume_point(cfg, out, d.main)
     with _autocast(cfg, device):
         before = before_images(pipe, cfg, s.size) if d.main else []  # θ still at its original values
 
@@ -323,42 +340,68 @@ def erase(cfg: EraseConfig, pipe=None, progress: bool = True,
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")  # fp16 gradients underflow
     slots = [Slot.seeded(seed) for seed in example_seeds(cfg.seed, d.rank, cfg.batch_size)]
     result = EraseResult(output=out, trained=list(params), config=cfg, model_defaults=s.applied)
-    start = time.perf_counter()
-    bar = tqdm(range(cfg.iterations), desc=f"ESD {cfg.method}", disable=not progress)
-    for i in bar:
-        with _autocast(cfg, device):
-            batch = [draw_example(cfg, s.conds, s.sampler, s.frozen, s.scheduler, s.latent_shape, slot)
-                     for slot in slots]
-            loss = batch_loss(cfg, s.trained, batch)
-        shown = global_mean(loss.detach(), d.world)  # every process sees the same number, and stops together
-        if not torch.isfinite(shown):
-            bar.close()
-            raise NonFiniteLossError(f"loss is {shown.item()} at iteration {i + 1}; stopped. "
-                                     f"{out / 'esd.safetensors'} keeps the last good checkpoint, if any. "
-                                     "Try a smaller --lr or --eta.")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        average_gradients(params.values(), d.world)
-        if cfg.grad_clip:  # opt-in: bounds the step a single noisy example can take
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        lr_schedule.step()
-        result.losses.append(shown.item())
-        bar.set_postfix(loss=f"{shown.item():.4f}", concept=batch[0].concept[:20])
-        if d.main and cfg.save_every and (i + 1) % cfg.save_every == 0 and i + 1 < cfg.iterations:
-            save_esd_weights(out / "esd.safetensors", params, esd_metadata(cfg, pipe, i + 1, result.trained))
-        if on_step is not None and on_step(i, shown.item()):
-            result.stopped_early = True
-            break
+    state = resume.TrainState(params, optimizer, lr_schedule, scaler, slots, result.losses)
+    if checkpoint is not None:
+        resume.load(checkpoint, state, cfg, d, device)
+    start = saved_at = time.perf_counter()
+    bar = tqdm(range(state.step, cfg.iterations), initial=state.step, total=cfg.iterations,
+               desc=f"ESD {cfg.method}", disable=not progress)
+    with resume.StopSignals() as signals, bar:  # the bar is closed on an error too
+        for i in bar:
+            loss, concept = train_step(s, state, i, out)
+            result.losses.append(loss)
+            bar.set_postfix(loss=f"{loss:.4f}", concept=concept[:20])
+            if on_step is not None:
+                try:
+                    result.stopped_early = bool(on_step(i, loss))
+                except KeyboardInterrupt:  # raised between iterations: the state is whole, save it
+                    signals.requested = True
+            interrupted, result.stopped_early, due = resume.agree(
+                [signals.requested, result.stopped_early, resume.due(cfg, i + 1, time.perf_counter() - saved_at)],
+                d, device)
+            if i + 1 < cfg.iterations and (interrupted or result.stopped_early or due):
+                saved = resume.save(out, state, cfg, esd_metadata(cfg, pipe, i + 1, result.trained),
+                                    state.seconds + time.perf_counter() - start, d)
+                saved_at = time.perf_counter()
+                if interrupted:
+                    bar.close()
+                    if d.main:
+                        print(f"saved {saved}; run the same command again to go on from it", file=sys.stderr)
+                    raise KeyboardInterrupt
+            if result.stopped_early:
+                break
 
-    result.seconds = time.perf_counter() - start
+    result.seconds = state.seconds + time.perf_counter() - start
     if d.main:
         with _autocast(cfg, device):
             finish(cfg, pipe, params, result, before, s.size, write_outputs)
     barrier(d)
     return result
+
+
+def train_step(s: Setup, state: resume.TrainState, i: int, out: Path) -> tuple[float, str]:
+    """One iteration: draw the batch, the loss, one Adam step on θ. Returns (the global mean loss, a concept)."""
+    cfg, d, params = s.cfg, s.dist, state.params
+    with _autocast(cfg, s.device):
+        batch = [draw_example(cfg, s.conds, s.sampler, s.frozen, s.scheduler, s.latent_shape, slot)
+                 for slot in state.slots]
+        loss = batch_loss(cfg, s.trained, batch)
+    shown = global_mean(loss.detach(), d.world)  # every process sees the same number, and stops together
+    if not torch.isfinite(shown):
+        last = resume.latest(out)
+        hint = (f"{last} keeps the last good state: go on from it with a smaller --lr or --eta and --resume latest"
+                if last else f"{out / 'esd.safetensors'} keeps the last good weights, if any; try a smaller --lr or --eta")
+        raise NonFiniteLossError(f"loss is {shown.item()} at iteration {i + 1}; stopped. {hint}.")
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(loss).backward()
+    average_gradients(params.values(), d.world)
+    if cfg.grad_clip:  # opt-in: bounds the step a single noisy example can take
+        state.scaler.unscale_(state.optimizer)
+        torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    state.lr_schedule.step()
+    return shown.item(), batch[0].concept
 
 
 def finish(cfg: EraseConfig, pipe, params, result: EraseResult, before, size: int, write_outputs) -> None:
@@ -372,3 +415,6 @@ def finish(cfg: EraseConfig, pipe, params, result: EraseResult, before, size: in
         result.compvis = export_pipeline(pipe, out / f"compvis.{cfg.compvis_format}", base_file=cfg.model,
                                          dtype=dtype)
     write_outputs(out, cfg, pipe, result, before, size)
+    if len(result.losses) >= cfg.iterations:  # done: esd.safetensors supersedes the checkpoints
+        for path in resume.checkpoints(out):
+            resume.remove(path)
