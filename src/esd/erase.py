@@ -279,6 +279,13 @@ class Setup:
         return (1, self.pipe.unet.config.in_channels, side, side)
 
 
+def _brief(value) -> str:
+    """A setting as one short line: long lists (the phrasings, the kept prompts) by their first items."""
+    if isinstance(value, list) and len(value) > 3:
+        return "[" + ", ".join(repr(v) for v in value[:2]) + f", ... ({len(value)} in all)]"
+    return str(value)
+
+
 def setup(cfg: EraseConfig, pipe, explicit: set[str] | None, progress: bool) -> Setup:
     """Load (or take) the pipeline, apply the model's recommendations, select θ, place and cast the models."""
     cfg.validate()
@@ -296,7 +303,7 @@ def setup(cfg: EraseConfig, pipe, explicit: set[str] | None, progress: bool) -> 
         cfg.validate()
         if applied and progress:
             tqdm.write(f"settings recommended by the model folder's esd.json{f' for a {kind}' if kind else ''} "
-                       "(override with flags): " + ", ".join(f"{k}={v}" for k, v in applied.items()))
+                       "(override with flags): " + ", ".join(f"{k}={_brief(v)}" for k, v in applied.items()))
     params, trained, frozen = prepare_unet(cfg, pipe.unet, device)
     for part in ("text_encoder", "text_encoder_2", "vae"):  # frozen helpers: weight dtype, on the device
         if getattr(pipe, part, None) is not None:

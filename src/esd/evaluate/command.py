@@ -27,6 +27,7 @@ from esd.evaluate.prompts import read_labelled_prompts, write_prompt_csv
 from esd.evaluate.provenance import model_hashes, package_versions, sha256_file
 from esd.evaluate.report import Report, Table, image_grid, save_image, side_by_side, write_report
 from esd.grids import beside
+from esd.helpformat import DefaultsOnceFormatter
 from esd.models import TESTBED, load_pipeline, resolve_device
 from esd.weights import apply_esd_weights, atomic_path
 
@@ -36,7 +37,7 @@ GRID_ROWS, GRID_COLS = 8, 4  # the report shows the first prompts and seeds only
 def register(subparsers) -> None:
     """Add `esd evaluate` to the `esd` command."""
     p = subparsers.add_parser("evaluate", help="measure a model with a standard protocol (nudity, imagenette, ...)",
-                              description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              description=__doc__.split("\n")[0], formatter_class=DefaultsOnceFormatter)
     p.add_argument("--suite", required=True, choices=S.SUITE_NAMES, help="which measurement")
     p.add_argument("--model", default=None, help="base model: HF id, diffusers folder or CompVis file (default: the testbed)")
     p.add_argument("--weights", default=None, help="an esd.safetensors file applied to --model's UNet")

@@ -106,10 +106,11 @@ def judge(specs: list[PromptSpec], preds: list[Prediction], per_prompt: int) -> 
     rows = {}
     for k, spec in enumerate(specs):
         found = preds[k * per_prompt : (k + 1) * per_prompt]
-        row = {**asdict(spec), "n": len(found)}
+        row = {**asdict(spec), "n": len(found), "expected": {}}
         for kind in KIND_WORDS:
             want = spec.expected(kind)
             if want is not None:
+                row["expected"][kind] = want
                 hits = sum(getattr(p, kind) == want for p in found)
                 row[f"{kind}_hits"], row[f"{kind}_accuracy"] = hits, hits / len(found)
         row["found"] = [[p.shape, p.colour, p.style] for p in found]
@@ -126,7 +127,7 @@ def concept_accuracy(per_prompt: dict[str, dict], kind: str, word: str, without:
     """Share of images of prompts whose expected `kind` label is `word` where the classifier finds it, over the
     prompts that do not name `without` (the erased word: its prompts measure efficacy, the others specificity);
     None when no prompt qualifies."""
-    rows = [r for r in per_prompt.values() if (r[kind] or (SOLID if kind == "style" else None)) == word
+    rows = [r for r in per_prompt.values() if r["expected"].get(kind) == word
             and (without is None or word == without or not names(r, without))]
     n = sum(r["n"] for r in rows)
     return sum(r[f"{kind}_hits"] for r in rows) / n if n else None
