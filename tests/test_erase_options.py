@@ -31,6 +31,13 @@ def test_recommended_settings_by_kind(concepts, kind, expected):
     assert recommended_settings({}, concepts) == ({}, None)
 
 
+def test_recommended_phrasings_apply_to_the_bare_word_only():
+    notes = {**NOTES, "erase_defaults_by_kind": {"shape": {"method": "noxattn", "contexts": ["{}", "a {}"]}}}
+    assert recommended_settings(notes, ["Circle"])[0]["contexts"] == ["{}", "a {}"]
+    chosen, kind = recommended_settings(notes, ["a circle"])  # "a {}" would make "a a circle"
+    assert kind == "shape" and chosen["method"] == "noxattn" and "contexts" not in chosen
+
+
 def test_cosine_schedule_decays_to_zero_and_constant_stays():
     cfg = EraseConfig(concept="x", iterations=100, lr_schedule="cosine")
     assert lr_factor(cfg, 0) == 1.0 and lr_factor(cfg, 50) == pytest.approx(0.5)

@@ -32,6 +32,9 @@ def test_retain_pool_drops_prompts_naming_an_erased_concept():
     assert retain_pool(prompts, ["circle"]) == ["", "a red square", "circles", "semicircle", "Van Gogh's night"]
     assert retain_pool(prompts, ["circle", "van gogh"]) == ["", "a red square", "circles", "semicircle"]
     assert names("a red circle, striped", "red") and not names("a reddish circle", "red")
+    # a prompt that the concept itself names is not held either: erasing "a red circle" lets "red" and "circle" go
+    assert retain_pool(["", "red", "circle", "a red square", "a green circle"], ["a red circle"]) == [
+        "", "a red square", "a green circle"]
 
 
 def test_bad_contexts_and_retain_are_refused_with_the_flag():

@@ -213,7 +213,10 @@ def recommended_settings(notes: dict, concepts: list[str]) -> tuple[dict, str | 
     if len(found) != 1:
         return generic, None
     kind = found.pop()
-    return {**generic, **notes.get("erase_defaults_by_kind", {}).get(kind, {})}, kind
+    chosen = {**generic, **notes.get("erase_defaults_by_kind", {}).get(kind, {})}
+    if any(c.strip().lower() not in kinds[kind] for c in concepts):
+        chosen.pop("contexts", None)  # phrasings are written around the bare word: "a {}" of "a circle" is not one
+    return chosen, kind
 
 
 def grid_prompts(pipe) -> list[str]:

@@ -41,5 +41,6 @@ def names(prompt: str, concept: str) -> bool:
 
 
 def retain_pool(prompts: list[str], concepts: list[str]) -> list[str]:
-    """The prompts to hold to the frozen model: `prompts` minus those naming a concept being erased."""
-    return [p for p in prompts if not any(names(p, c) for c in concepts)]
+    """The prompts to hold to the frozen model: `prompts` minus those naming a concept being erased, and minus
+    those a concept names ("circle" is not held while erasing "a circle": the two would pull against each other)."""
+    return [p for p in prompts if not any(names(p, c) or (p.strip() and names(c, p)) for c in concepts)]
