@@ -6,7 +6,10 @@ the run folders in `esd.app_runs`.
 
 Safety: the server binds 127.0.0.1 unless told otherwise; Gradio may serve files only from the output
 folder; every model task shares one queue slot (Gradio queues the rest; `EsdApp`'s lock refuses anything
-that slips past the queue); Stop bypasses the queue so that it reaches a running erase.
+that slips past the queue); Stop bypasses the queue so that it reaches a running erase. An erase whose page
+closes, or whose request is cancelled, is stopped like one whose Stop was pressed, and the next model task
+waits for it to end its iteration instead of being refused. The events have fixed API names (`/erase`,
+`/compare`, `/run_files`, ...) for scripts using `gradio_client`; tests/test_app_load.py drives them.
 """
 
 from __future__ import annotations
@@ -135,14 +138,18 @@ def erase_tab(gr, app: EsdApp, run) -> None:
         except EsdError as err:
             yield f"**Error:** {err}", gr.skip(), gr.skip(), gr.skip()
             return
-        while not job.done.wait(POLL_S):
-            yield job_status(job), progress_html(len(job.losses), job.cfg.iterations), loss_frame(job.losses), gr.skip()
+        try:
+            while not job.done.wait(POLL_S):
+                yield job_status(job), progress_html(len(job.losses), job.cfg.iterations), loss_frame(job.losses), gr.skip()
+        finally:  # also when the page closes or the request is cancelled: nobody watches, so stop (never block here)
+            if not job.done.is_set():
+                job.stop.set()
         new_run = job.run_name if job.error is None else gr.skip()
         yield job_status(job), progress_html(len(job.losses), job.cfg.iterations), loss_frame(job.losses), new_run
 
     start.click(stream, [inputs[n] for n in names], [status, progress, curve, run],
-                concurrency_limit=1, concurrency_id="model")
-    stop.click(app.request_stop, None, status, concurrency_limit=None, queue=False)
+                concurrency_limit=1, concurrency_id="model", api_name="erase")
+    stop.click(app.request_stop, None, status, concurrency_limit=None, queue=False, api_name="stop")
 
 
 def _shown(handler):
@@ -182,9 +189,9 @@ def compare_tab(gr, app: EsdApp, run) -> None:
         concepts = run_metadata(resolve_run(app.output_dir, name))[0].concepts
         return text, (concepts or [""])[0]
 
-    run.change(on_run, run, [label, prompt])
+    run.change(_shown(on_run), run, [label, prompt], api_name="session_run")
     button.click(_shown(app.compare), [run, prompt, seed, steps, per_prompt], [original, erased, verdicts],
-                 concurrency_limit=1, concurrency_id="model")
+                 concurrency_limit=1, concurrency_id="model", api_name="compare")
 
 
 def save_tab(gr, app: EsdApp, run) -> None:
@@ -208,11 +215,13 @@ def save_tab(gr, app: EsdApp, run) -> None:
         app.export_compvis(name)
         return show(name)
 
-    refresh.click(lambda: gr.Dropdown(choices=list_runs(app.output_dir)), None, runs)
-    load.click(lambda name: name or gr.skip(), runs, run)
-    run.change(lambda name: gr.Dropdown(choices=list_runs(app.output_dir), value=name or None), run, runs)
-    runs.change(_shown(show), runs, [info, files])
-    export.click(_shown(exported), runs, [info, files], concurrency_limit=1, concurrency_id="model")
+    refresh.click(lambda: gr.Dropdown(choices=list_runs(app.output_dir)), None, runs, api_name="list_runs")
+    load.click(lambda name: name or gr.skip(), runs, run, api_name="load_run")
+    run.change(lambda name: gr.Dropdown(choices=list_runs(app.output_dir), value=name or None), run, runs,
+               api_name="session_run_in_list")
+    runs.change(_shown(show), runs, [info, files], api_name="run_files")
+    export.click(_shown(exported), runs, [info, files], concurrency_limit=1, concurrency_id="model",
+                 api_name="export")
 
 
 def evaluate_tab(gr, app: EsdApp, run) -> None:
@@ -231,7 +240,8 @@ def evaluate_tab(gr, app: EsdApp, run) -> None:
         button = gr.Button("Evaluate the current run", variant="primary", elem_id="evaluate-button")
         table = gr.Dataframe(headers=["metric", "original", "erased"], elem_id="evaluate-table")
         grids = gr.Gallery(label="images (rows: prompts, columns: seeds)", columns=2, height="auto")
-    button.click(_shown(app.evaluate), [run, seeds, steps], [table, grids], concurrency_limit=1, concurrency_id="model")
+    button.click(_shown(app.evaluate), [run, seeds, steps], [table, grids], concurrency_limit=1, concurrency_id="model",
+                 api_name="evaluate")
 
 
 # ----------------------------------------------------------------------------- command line

@@ -55,7 +55,12 @@ def run_metadata(run: Path) -> tuple[EraseConfig, dict[str, str]]:
             meta = f.metadata() or {}
     except Exception as err:  # a damaged file: say which run
         raise EsdError(f"run {run.name}: esd.safetensors is not readable ({err})") from err
-    return EraseConfig.from_json(meta.get("esd_config", "{}")), meta
+    try:
+        cfg = EraseConfig.from_json(meta.get("esd_config", "{}"))
+        cfg.concepts  # noqa: B018  (the app shows the concepts: they must be text)
+    except (ValueError, TypeError, AttributeError) as err:
+        raise EsdError(f"run {run.name}: esd.safetensors holds no readable erase config ({err})") from err
+    return cfg, meta
 
 
 def new_run_dir(output_dir: Path, cfg: EraseConfig) -> Path:

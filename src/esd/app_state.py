@@ -7,7 +7,8 @@ of a call (`esd.weights.applied_weights`). That keeps one model in memory, not t
 
 Safety (the page's side is in `esd.app`): runs are addressed by folder *name* inside the output folder
 (`esd.app_runs`), never by a path from the browser; iteration and image counts are capped; one model
-task runs at a time (a lock refuses anything that slips past Gradio's queue).
+task runs at a time (a lock refuses anything that slips past Gradio's queue, and waits for an erase that is
+stopping).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ MAX_SAMPLE_STEPS = 100
 MAX_IMAGES_PER_PROMPT = 4
 MAX_EVAL_SEEDS = 16
 MAX_EVAL_STEPS = 50
+STOP_GRACE_S = 1.0  # how long a model task waits for the model before it asks whether an erase is stopping
+STOP_WAIT_S = 300  # and how long it then waits for that erase to end its current iteration
 
 # EraseConfig fields shown in the form (the rest keep their EraseConfig defaults).
 FORM_FIELDS = ("concept", "method", "iterations", "eta", "start_guidance", "lr", "seed")
@@ -159,9 +162,18 @@ class EsdApp:
     def describe(self) -> str:
         return f"{describe_model(self.pipe)} — `{self.source}`"
 
+    def _take_model(self) -> bool:
+        """Take the model lock. Gradio's queue runs one model task at a time, so the lock is only ever held here by
+        an erase that is stopping (Stop pressed, or its page closed, which the next task can beat by a moment) or
+        by a call that bypassed the queue. Wait for the first to end its iteration; refuse the second."""
+        if self.lock.acquire(timeout=STOP_GRACE_S):
+            return True
+        job = self.job
+        return job is not None and job.stop.is_set() and self.lock.acquire(timeout=STOP_WAIT_S)
+
     @contextlib.contextmanager
     def model_busy(self) -> Iterator[None]:
-        if not self.lock.acquire(blocking=False):
+        if not self._take_model():
             raise EsdError("the model is busy (an erase or another task is running); wait for it or press Stop")
         try:
             yield
@@ -173,7 +185,7 @@ class EsdApp:
     def start_erase(self, values: dict) -> EraseJob:
         """Validate the form and start erasing in a worker thread; refused while another task runs."""
         cfg = config_from_form(values, self.output_dir, str(self.device))
-        if not self.lock.acquire(blocking=False):
+        if not self._take_model():
             raise EsdError("an erase is already running; wait for it to finish or press Stop")
         cfg.output = str(new_run_dir(self.output_dir, cfg))  # made while holding the lock: names never collide
         job = EraseJob(cfg)

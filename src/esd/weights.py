@@ -1,8 +1,9 @@
 """ESD weight files and atomic writes.
 
 An ESD weights file (`esd.safetensors`) holds only the trained UNet parameters, under their diffusers
-names, with the run's config in the safetensors metadata. Applying one checks every name and shape
-against the UNet first, so a file made for another base model is an error, never a partial load.
+names, with the run's config in the safetensors metadata. Applying one checks every name, dtype, shape
+and value (finite) first, so a file made for another base model, or a damaged one, is an error, never a
+partial load.
 
 Every file the project writes goes through `atomic_path`: a reader (or a crash) sees the old file or
 the new one, never half of one. This module needs no model loader, so the CompVis converter, the
@@ -27,6 +28,8 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from esd.errors import EsdError
+
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # what a weights file may hold
 
 
 @contextlib.contextmanager
@@ -56,22 +59,36 @@ def save_esd_weights(path: str | Path, tensors: dict[str, Tensor], metadata: dic
 
 
 def load_esd_weights(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Read an ESD weights file; errors name the file and what is wrong with it."""
+    """Read an ESD weights file; errors name the file and what is wrong with it.
+
+    Only safetensors is read (no pickle), and every tensor must be a finite floating-point array: the file
+    holds trained UNet parameters and nothing else.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise EsdError(f"--weights {path}: a folder, not a weights file")
     if not path.is_file():
-        raise EsdError(f"--weights {path}: no such file")
+        raise EsdError(f"--weights {path}: {'not a regular file' if path.exists() else 'no such file'}")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as err:
+    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as err:
         raise EsdError(f"--weights {path}: not a readable safetensors file ({err})") from err
+    if not tensors:
+        raise EsdError(f"--weights {path}: holds no tensors")
+    odd = [f"{k} ({str(v.dtype).removeprefix('torch.')})" for k, v in tensors.items() if v.dtype not in WEIGHT_DTYPES]
+    if odd:
+        raise EsdError(f"--weights {path}: {len(odd)} tensors of a dtype UNet parameters do not have "
+                       f"(float32, float16, bfloat16 or float64), e.g. {odd[:3]}")
+    not_finite = [k for k, v in tensors.items() if not bool(torch.isfinite(v).all())]
+    if not_finite:
+        raise EsdError(f"--weights {path}: NaN or infinite values in {len(not_finite)} tensors, e.g. {not_finite[:3]}")
     return tensors, metadata
 
 
-def apply_esd_weights(unet: torch.nn.Module, path: str | Path) -> dict[str, str]:
-    """Load an ESD weights file into `unet` in place, after checking every name and shape."""
-    tensors, metadata = load_esd_weights(path)
+def _check_fits(unet: torch.nn.Module, tensors: dict[str, Tensor], path: str | Path) -> dict[str, torch.nn.Parameter]:
+    """The UNet's parameters, after checking that every tensor names one of them with its shape."""
     own = dict(unet.named_parameters())
     unknown = [k for k in tensors if k not in own]
     if unknown:
@@ -80,9 +97,19 @@ def apply_esd_weights(unet: torch.nn.Module, path: str | Path) -> dict[str, str]
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in tensors.items() if v.shape != own[k].shape]
     if wrong:
         raise EsdError(f"--weights {path}: shapes differ from this UNet's: {wrong[:3]}")
-    with torch.no_grad():
-        for name, value in tensors.items():
-            own[name].copy_(value.to(own[name].dtype))
+    return own
+
+
+@torch.no_grad()
+def _copy_into(own: dict[str, torch.nn.Parameter], tensors: dict[str, Tensor]) -> None:
+    for name, value in tensors.items():
+        own[name].copy_(value.to(own[name].dtype))
+
+
+def apply_esd_weights(unet: torch.nn.Module, path: str | Path) -> dict[str, str]:
+    """Load an ESD weights file into `unet` in place, after checking every name, dtype and shape."""
+    tensors, metadata = load_esd_weights(path)
+    _copy_into(_check_fits(unet, tensors, path), tensors)
     return metadata
 
 
@@ -103,11 +130,11 @@ def restore_parameters(unet: torch.nn.Module, saved: dict[str, Tensor]) -> None:
 @contextlib.contextmanager
 def applied_weights(unet: torch.nn.Module, path: str | Path) -> Iterator[dict[str, str]]:
     """The UNet with an ESD weights file applied inside the block, and its own values again after it."""
-    with safe_open(str(path), framework="pt") as f:  # names only; apply_esd_weights reads and checks the tensors
-        names = list(f.keys())
-    own = dict(unet.named_parameters())
-    saved = snapshot_parameters(unet, [n for n in names if n in own])  # unknown names are refused by apply below
+    tensors, metadata = load_esd_weights(path)  # the file is read once and checked before anything changes
+    own = _check_fits(unet, tensors, path)
+    saved = snapshot_parameters(unet, list(tensors))
     try:
-        yield apply_esd_weights(unet, path)
+        _copy_into(own, tensors)
+        yield metadata
     finally:
         restore_parameters(unet, saved)

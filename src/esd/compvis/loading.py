@@ -98,12 +98,21 @@ def meta_pipeline(config_dir: Path, original_config: dict | None = None, state_d
     return SimpleNamespace(**parts)
 
 
+def _odd_tensor(value: Tensor, expected: Tensor) -> bool:
+    """Not a plain (strided) floating-point tensor where the model has a weight: diffusers would silently cast
+    an integer, bool or complex one to float. (Integer buffers such as position_ids may be float in merged files.)"""
+    return value.layout != torch.strided or (expected.is_floating_point() and not value.is_floating_point())
+
+
 def check_layout(state_dict: dict[str, Tensor], expected: dict[str, Tensor], name, config) -> None:
-    """Raise `EsdError` naming the first missing or mis-shaped keys when the file does not fit the config."""
+    """Raise `EsdError` naming the first missing, mis-shaped or non-float keys when the file does not fit the config."""
     missing = [k for k in expected if k not in state_dict]
     wrong = [f"{k} {tuple(state_dict[k].shape)} vs config {tuple(v.shape)}"
              for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
-    problems = [f"shapes differ: {first_keys(wrong)}"] * bool(wrong) + [f"{len(missing)} missing: {first_keys(missing)}"] * bool(missing)
+    odd = [f"{k} ({state_dict[k].dtype}, {state_dict[k].layout})"
+           for k, v in expected.items() if k in state_dict and _odd_tensor(state_dict[k], v)]
+    problems = ([f"shapes differ: {first_keys(wrong)}"] * bool(wrong) + [f"wrong kind of tensor: {first_keys(odd)}"] * bool(odd)
+                + [f"{len(missing)} missing: {first_keys(missing)}"] * bool(missing))
     if problems:
         raise EsdError(f"{name}: does not match the config {config} ({'; '.join(problems)}); "
                        "pass --config with the model's own diffusers folder or LDM yaml")

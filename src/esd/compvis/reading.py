@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import pickle
+import re
+import struct
 import zipfile
 from pathlib import Path
 
@@ -38,8 +40,11 @@ def first_keys(keys, n: int = N_SHOWN) -> str:
 
 def _sniff(path: Path) -> str:
     """'safetensors', 'pickle' or 'unknown', from the first bytes (suffixes lie, content does not)."""
-    with open(path, "rb") as f:
-        head = f.read(9)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as err:
+        raise EsdError(f"{path}: cannot be read ({err.strerror or err})") from err
     if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 0:
         return "safetensors"  # u64 header length, then the JSON header
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
@@ -57,24 +62,43 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
         raise EsdError(f"{path}: truncated or corrupt safetensors file ({err})") from err
 
 
+# What torch.load(weights_only=True) raises on a damaged file: its unpickler is plain Python, so a corrupt
+# stream fails wherever it happens to break (a missing memo entry, a call with the wrong arguments, a short
+# read). Found by tests/test_hostile_files.py; each of these is "truncated or corrupt" to the user.
+CORRUPT_PICKLE_ERRORS = (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, LookupError,
+                         AssertionError, AttributeError, TypeError, ArithmeticError, struct.error, MemoryError)
+
+
 def _read_pickle(path: Path) -> dict:
     # weights_only=True: the unpickler only builds tensors and plain containers and never runs code
-    # a file names; anything else is refused, which is the point.
+    # a file names; anything else is refused, which is the point. An open file rather than the path:
+    # torch.load hands a path ending in .safetensors to safetensors, and here the content decides.
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:
+            obj = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        detail = next((ln.strip() for ln in str(err).splitlines() if "Unsupported global" in ln), "")
+        refused = re.search(r"GLOBAL (\S+)", str(err))  # the unpickler names the function or class it refused
+        if refused is None:  # a damaged stream (an unknown opcode, a bad string), not a refused object
+            raise EsdError(f"{path}: truncated or corrupt PyTorch checkpoint ({_line(err, -1)})") from err
         raise EsdError(
-            f"{path}: the pickle holds Python objects other than tensors ({detail or 'refused by weights_only'}); "
+            f"{path}: the pickle holds Python objects other than tensors (refused {refused.group(1)}); "
             "it was not loaded, so none of its code ran. Re-save only its state_dict, or use a .safetensors file"
         ) from err
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
-        raise EsdError(f"{path}: truncated or corrupt PyTorch checkpoint ({str(err).splitlines()[0]})") from err
-    while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+    except CORRUPT_PICKLE_ERRORS as err:
+        raise EsdError(f"{path}: truncated or corrupt PyTorch checkpoint ({_line(err, 0)})") from err
+    seen = set()  # a pickle can make a dict its own "state_dict": unwrap each dict once, never forever
+    while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict) and id(obj) not in seen:
+        seen.add(id(obj))
         obj = obj["state_dict"]  # Lightning checkpoints nest the weights, sometimes twice
     if not isinstance(obj, dict):
         raise EsdError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors")
     return obj
+
+
+def _line(err: BaseException, index: int) -> str:
+    """One line of an error's message (torch's run to pages), or its type when it has none."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
+    return lines[index][:300]
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
@@ -85,8 +109,12 @@ def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
     a file without Stable Diffusion UNet tensors.
     """
     path = Path(path)
+    if path.is_dir():
+        raise EsdError(f"{path}: a folder, not a checkpoint file")
     if not path.is_file():
-        raise EsdError(f"{path}: no such file")
+        raise EsdError(f"{path}: {'not a regular file' if path.exists() else 'no such file'}")
+    if path.stat().st_size == 0:
+        raise EsdError(f"{path}: an empty file (an interrupted download or copy?)")
     kind = _sniff(path)
     if kind == "unknown":
         raise EsdError(f"{path}: neither a PyTorch checkpoint (pickle/zip) nor a safetensors file")
@@ -109,7 +137,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
 def _context_dim(state_dict: dict[str, Tensor]) -> int | None:
     """The UNet's cross-attention width: the text embedding size the model was trained with."""
     for key, value in state_dict.items():
-        if key.startswith(UNET_PREFIX) and key.endswith("attn2.to_k.weight"):
+        if key.startswith(UNET_PREFIX) and key.endswith("attn2.to_k.weight") and value.ndim == 2:
             return int(value.shape[1])
     return None
 
