@@ -1,7 +1,7 @@
-"""The `esd` command: erase | generate | convert | testbed | evaluate | app.
+"""The `esd` command: erase | generate | convert | testbed | evaluate | attack | app.
 
 `esd erase` flags are generated from `EraseConfig`'s fields, so names, defaults, choices and help can
-never drift from the config. `erase`, `generate` and `convert` live here; `testbed`, `evaluate` and `app`
+never drift from the config. `erase`, `generate` and `convert` live here; `testbed`, `evaluate`, `attack` and `app`
 register themselves from their own modules. User errors print one line and exit 2.
 """
 
@@ -14,6 +14,7 @@ import typing
 from pathlib import Path
 
 from esd import app as app_command
+from esd.attack import command as attack_command
 from esd.compvis import FAMILIES, TO_CHOICES
 from esd.config import EraseConfig
 from esd.errors import EsdError, NonFiniteLossError
@@ -24,7 +25,8 @@ from esd.testbed import cli as testbed_command
 
 # Sub-commands that live with their feature and add themselves to the parser. Imported plainly: a
 # module that fails to import stops `esd` with its traceback instead of its sub-command vanishing.
-FEATURE_COMMANDS = (testbed_command.register, evaluate_command.register, app_command.register)
+FEATURE_COMMANDS = (testbed_command.register, evaluate_command.register, attack_command.register,
+                    app_command.register)
 
 
 def _flag(name: str) -> str:

@@ -59,3 +59,19 @@ def model_hashes(model: str | None) -> dict[str, str]:
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
         return {str(p.relative_to(path)): sha256_file(p) for p in files}
     return {}
+
+
+def unet_sha256(model: str | None) -> str | None:
+    """sha256 of the file that holds a model's UNet: the model itself when it is a single file, else the UNet
+    weights of a diffusers folder (or of an already downloaded hub id), `unet/diffusion_pytorch_model.*`;
+    None when there is none to hash."""
+    if model is None:
+        return None
+    path = Path(model).expanduser()
+    if not path.exists():
+        path = _hub_snapshot(model) or path
+    if path.is_file():
+        return sha256_file(path)
+    weights = sorted((p for p in (path / "unet").glob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES),
+                     key=lambda p: (p.suffix != ".safetensors", p.name))  # diffusers loads safetensors first
+    return sha256_file(weights[0]) if weights else None
