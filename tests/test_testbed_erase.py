@@ -34,6 +34,7 @@ def test_erase_circle_on_the_testbed_through_the_cli(tmp_path):
     assert main(["erase", "--concept", "circle", "--grid-steps", "10", "--device", "cpu", "--output", str(out)]) == 0
     card = (out / "README.md").read_text()
     assert "models/testbed" in card and "`circle`" in card and "lr_schedule=cosine" in card
+    assert "contexts=" in card and "retain=" in card  # the shape kind's phrasings and the kept prompts
     pipe = load_pipeline(None, "cpu")  # no --model: the shipped testbed
     before = _rates(pipe)
     apply_esd_weights(pipe.unet, out / "esd.safetensors")
@@ -44,6 +45,7 @@ def test_erase_circle_on_the_testbed_through_the_cli(tmp_path):
     square_before = (before["a green square"] + before["a yellow square"]) / 2
     square_after = (after["a green square"] + after["a yellow square"]) / 2
     assert circle_before >= 0.8
-    assert circle_after <= circle_before - 0.3  # measurably erased
+    # Measured (recommended settings, erase seed 0): circles 12/12 -> 2/12, squares 12/12 -> 11/12, colours kept.
+    assert circle_after <= 0.25  # erased: at most 3 of the 12 circle images
     assert square_after >= square_before - 0.2  # the rest intact
     assert after["square colour"] >= before["square colour"] - 0.2
