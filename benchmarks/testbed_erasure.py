@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -58,7 +59,7 @@ def verdict(word: str, base: dict, seeds: list[dict]) -> dict[str, bool]:
     kind = kind_of(word)
     ok = {word: all(s["per_concept"][word] <= ERASED_MAX[kind] for s in seeds)}
     for other in MEASURED:
-        if other != word:
+        if other != word and base["per_concept"].get(other) is not None:  # --prompt-set base names no style
             allowed = ALLOWANCE[kind]["style" if other == SOLID else kind_of(other)]
             ok[other] = all(s["per_concept"][other] >= base["per_concept"][other] - allowed for s in seeds)
     return ok
@@ -68,7 +69,7 @@ def table(word: str, base: dict, seeds: list[dict], erase_seeds: list[int]) -> s
     ok = verdict(word, base, seeds)
     head = "| concept | base | " + " | ".join(f"seed {s}" for s in erase_seeds) + " | min | mean | max | bar |"
     lines = [head, "|" + "---|" * (len(erase_seeds) + 6)]
-    for c in [word] + [c for c in MEASURED if c != word]:
+    for c in [word] + [c for c in MEASURED if c != word and base["per_concept"].get(c) is not None]:
         vals = [s["per_concept"][c] for s in seeds]
         cells = " | ".join(f"{v:.1%}" for v in vals)
         name = f"**{c}** (erased)" if c == word else c
@@ -105,9 +106,13 @@ def main() -> None:
     key = f"{Path(model).resolve()}/{word}/{args.seeds}/{args.steps}/{args.prompt_set}"
     base_all = json.loads(cache.read_text()) if cache.exists() else {}
     if key not in base_all:
-        base_all[key] = measure(load_pipeline(model), word, args, out_root / "base")
+        measured = measure(load_pipeline(model), word, args, out_root / "base")
+        # Re-read before writing: another benchmark sharing the cache may have added its own entries meanwhile.
+        base_all = {**(json.loads(cache.read_text()) if cache.exists() else {}), key: measured}
         cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(base_all, indent=2))
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(base_all, indent=2))
+        tmp.replace(cache)  # atomic: a reader never sees half a file
     base = base_all[key]
 
     from esd.erase import erase
