@@ -9,7 +9,7 @@
         Adam step on θ to minimise ‖ε_θ(x,t,w) − target‖²
 
 Opt-in --contexts (w in a phrasing, guidance from the phrasing without w) and --retain (prompts held to ε*):
-docs/design.md, "Phrasings and retained prompts".
+docs/design.md, "Phrasings and retained prompts". Drawing an example and its loss: esd/examples.py.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import random
 import sys
 import time
 from collections.abc import Callable
@@ -39,8 +38,8 @@ from esd.distributed import (
     init_from_env,
 )
 from esd.errors import NonFiniteLossError
+from esd.examples import Example, Slot, batch_loss, draw_example, prompts_needed  # noqa: F401  (re-exported)
 from esd.frozen import copied_denoiser, original_values, swapped_denoiser
-from esd.loss import esd_loss, esd_target
 from esd.models import (
     default_image_size,
     describe_model,
@@ -54,31 +53,7 @@ from esd.models import (
     save_esd_weights,
 )
 from esd.params import select_parameters
-from esd.phrasing import anchor, phrase, retain_pool
-from esd.sampling import (
-    Cond,
-    Denoiser,
-    band_timestep,
-    ddim_scheduler,
-    predict_pairs,
-    sample_trajectory,
-    sample_until,
-    unet_denoiser,
-)
-
-
-@dataclass
-class Example:
-    """One training example of Algorithm 1: the sampled x_t, its timestep t and the Eq. 5 target."""
-
-    concept: str
-    k: int  # DDIM step the sampler stopped at
-    x_t: torch.Tensor  # (1, 4, h, w)
-    t: torch.Tensor  # (1,)
-    prompt: Cond  # what ε_θ is conditioned on: the concept (in its phrasing), or the erase-from context
-    target: torch.Tensor  # (1, 4, h, w)
-    # With --retain: (r, x_t^r, ε*(x_t^r, r, t)), a prompt to keep, its own x_t and the frozen model's prediction.
-    retain: tuple[Cond, torch.Tensor, torch.Tensor] | None = None
+from esd.sampling import Cond, Denoiser, ddim_scheduler, unet_denoiser
 
 
 @dataclass
@@ -113,97 +88,6 @@ def esd_metadata(cfg: EraseConfig, pipe, step: int, trained: list[str]) -> dict[
         "diffusers_version": diffusers.__version__,
         "torch_version": torch.__version__,
     }
-
-
-@dataclass
-class Slot:
-    """One stream of examples: its own random draws and, with --trajectory-reuse, its cached trajectory."""
-
-    rng: random.Random  # concept draws
-    gen: torch.Generator  # k, t and noise: a CPU generator, so a seed means the same on every device
-    concept: str = ""
-    context: str = "{}"  # the phrasing the cached trajectory was sampled with
-    kept: str | None = None  # and the retained prompt sampled beside it
-    trajectory: list[torch.Tensor] = field(default_factory=list)
-    uses_left: int = 0
-
-    @classmethod
-    def seeded(cls, seed: int) -> Slot:
-        return cls(random.Random(seed), torch.Generator().manual_seed(seed))
-
-    def state_dict(self) -> dict:
-        """Everything the slot's next draws depend on (for checkpoints: plain data and CPU tensors)."""
-        return {"rng": self.rng.getstate(), "gen": self.gen.get_state(), "concept": self.concept,
-                "context": self.context, "kept": self.kept, "trajectory": [x.cpu() for x in self.trajectory],
-                "uses_left": self.uses_left}
-
-    def load_state_dict(self, state: dict, device: torch.device) -> None:
-        self.rng.setstate(state["rng"])
-        self.gen.set_state(state["gen"])
-        self.concept, self.context, self.kept = state["concept"], state["context"], state["kept"]
-        self.trajectory = [x.to(device) for x in state["trajectory"]]
-        self.uses_left = state["uses_left"]
-
-
-@torch.no_grad()
-def draw_example(cfg: EraseConfig, conds: dict[str, Cond], sampler: Denoiser, frozen: Denoiser, scheduler,
-                 latent_shape: tuple[int, ...], slot: Slot) -> Example:
-    """Draw w (and its phrasing), k and z_T, sample x_t till step k, pick t in step k's band, build the Eq. 5
-    target; with --retain, also draw a prompt to keep and its frozen prediction at the same x_t and t."""
-    null = conds[""]
-    reuse = cfg.trajectory_reuse > 1 and slot.uses_left > 0
-    w = slot.concept if reuse else slot.rng.choice(cfg.concepts)
-    context = slot.context if reuse else (slot.rng.choice(cfg.contexts) if cfg.contexts else "{}")
-    text = phrase(context, w)
-    prompt = conds[cfg.erase_from] if cfg.erase_from else conds[text]  # conditions x_t and ε_θ
-    pool = retain_pool(cfg.retain or [], cfg.concepts)
-    kept = (slot.kept if reuse else slot.rng.choice(pool)) if pool else None
-    # With --retain, the kept prompt's own x_t is sampled beside the concept's, from its own noise, in one batch.
-    sampled = Cond.cat(prompt, conds[kept]) if pool else prompt
-    k = int(torch.randint(cfg.ddim_steps, (1,), generator=slot.gen))
-    device = null.embeds.device
-    if reuse:
-        x = slot.trajectory[k]
-    else:
-        z_T = torch.randn(latent_shape, generator=slot.gen).to(device, null.embeds.dtype)
-        if pool:
-            z_T = torch.cat([z_T, torch.randn(latent_shape, generator=slot.gen).to(device, null.embeds.dtype)])
-        if cfg.trajectory_reuse > 1:  # one full run now, read by the next R iterations
-            slot.trajectory = sample_trajectory(sampler, scheduler, z_T, sampled, null, cfg.start_guidance,
-                                                cfg.guidance_batch)
-            slot.concept, slot.context, slot.kept, slot.uses_left = w, context, kept, cfg.trajectory_reuse
-            x = slot.trajectory[k]
-        else:
-            x = sample_until(sampler, scheduler, z_T, sampled, null, cfg.start_guidance, k, cfg.guidance_batch)
-    slot.uses_left -= 1
-    x_t, x_kept = x[:1], x[1:]
-    t = torch.tensor([band_timestep(k, cfg.ddim_steps, scheduler.config.num_train_timesteps, slot.gen)],
-                     device=device)
-    # Where the guidance starts: "" (Eq. 5), or the phrasing without the concept ("a red" for "a red {}").
-    named = {"start": conds[anchor(context)], "concept": conds[text]}
-    if cfg.erase_from:
-        named["context"] = prompt
-    xs = [x_t] * len(named)
-    if pool:
-        named["retain"] = conds[kept]
-        xs.append(x_kept)
-    eps = dict(zip(named, predict_pairs(frozen, xs, t, list(named.values()), cfg.guidance_batch), strict=True))
-    target = esd_target(eps["start"], eps["concept"], cfg.eta, eps.get("context"))
-    retain = (named["retain"], x_kept, eps["retain"]) if pool else None
-    return Example(w, k, x_t, t, prompt, target, retain)
-
-
-def batch_loss(cfg: EraseConfig, trained: Denoiser, batch: list[Example]) -> torch.Tensor:
-    """The Eq. 5 loss over the batch, plus --retain-weight × the retain term, from one forward of ε_θ."""
-    kept = [ex.retain for ex in batch if ex.retain is not None]
-    prompt = functools.reduce(Cond.cat, [ex.prompt for ex in batch] + [r for r, _, _ in kept])
-    x_t = torch.cat([ex.x_t for ex in batch] + [x for _, x, _ in kept])
-    t = torch.cat([ex.t for ex in batch] + [ex.t for ex in batch if ex.retain is not None])
-    out = trained(x_t, t, prompt)
-    loss = esd_loss(out[:len(batch)], torch.cat([ex.target for ex in batch]))
-    if kept:  # ‖ε_θ(x_t^r, r, t) − ε*(x_t^r, r, t)‖²: what the erase must not move
-        loss = loss + cfg.retain_weight * esd_loss(out[len(batch):], torch.cat([e for _, _, e in kept]))
-    return loss
 
 
 def lr_factor(cfg: EraseConfig, step: int) -> float:
@@ -311,11 +195,7 @@ def setup(cfg: EraseConfig, pipe, explicit: set[str] | None, progress: bool) -> 
     size = cfg.image_size or default_image_size(pipe)
     if progress:  # say which adapter runs: the family decides text encoding, size ids and the output's meaning
         tqdm.write(f"base model: {describe_model(pipe, size)}")
-    prompts = {"", *cfg.concepts, *([cfg.erase_from] if cfg.erase_from else [])}
-    for context in cfg.contexts or []:
-        prompts |= {anchor(context), *(phrase(context, c) for c in cfg.concepts)}
-    prompts |= set(retain_pool(cfg.retain or [], cfg.concepts))
-    conds = {p: encode_prompt(pipe, p, size) for p in prompts}
+    conds = {p: encode_prompt(pipe, p, size) for p in prompts_needed(cfg)}
     scheduler = ddim_scheduler(pipe.scheduler.config, cfg.ddim_steps)
     return Setup(cfg, pipe, device, d, params, trained, frozen, scheduler, conds, size, applied)
 
