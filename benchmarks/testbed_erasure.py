@@ -8,7 +8,7 @@ recommendation for the concept's kind, from models/testbed/esd.json, exactly as 
 testbed evaluation (`esd.testbed.evaluate.evaluate_testbed`) of the erased model. Prints one JSON line per
 seed, then a table of every concept's accuracy per seed with min / mean / max over the seeds next to the base
 model's, and whether the issue's bar holds on every seed (the erased concept's rate, every other concept
-within its kind's allowance of the base). The base model is measured once and cached in --base-cache.
+within its kind's allowance of the base). The base model's judgements are made once per protocol and cached in --base-cache.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from esd.cli import add_config_arguments, config_from_args, explicit_fields
 from esd.models import TESTBED, load_pipeline
-from esd.testbed.evaluate import CONCEPTS, evaluate_testbed
+from esd.testbed.evaluate import CONCEPTS, evaluate_testbed, summarise
 from esd.testbed.render import SOLID, kind_of
 
 # The bar (issue "Erasure that holds"): the erased concept's largest rate, and how far below the base each other
@@ -36,11 +36,11 @@ ALLOWANCE = {  # erased kind -> {other concept's kind: points below base allowed
 }
 
 
-def measure(pipe, erased: str, args, out: Path) -> dict:
-    """The evaluation's summary, plus the erased word's rate per phrasing (over the prompts naming it)."""
-    m = evaluate_testbed(pipe, out, erased, seeds_per_prompt=args.seeds, steps=args.steps, prompt_set=args.prompt_set)
+def summary(per_prompt: dict, erased: str) -> dict:
+    """The evaluation's summary for `erased`, plus its rate per phrasing (over the prompts naming it)."""
+    m = summarise(per_prompt, erased)
     kind, groups = kind_of(erased), {}
-    for r in m["per_prompt"].values():
+    for r in per_prompt.values():
         if r[kind] == erased:
             hits_n = groups.setdefault(r["phrasing"], [0, 0])
             hits_n[0] += r[f"{kind}_hits"]
@@ -48,6 +48,32 @@ def measure(pipe, erased: str, args, out: Path) -> dict:
     keys = ("erased_rate", "others_mean_accuracy", "others_min_accuracy", "per_concept", "shape_accuracy",
             "colour_accuracy", "style_accuracy")
     return {k: m[k] for k in keys} | {"phrasings": {t: h / n for t, (h, n) in groups.items()}}
+
+
+def measure(pipe, erased: str, args, out: Path) -> dict:
+    """Evaluate `pipe` (images and per-prompt judgements in `out`) and summarise it for `erased`."""
+    m = evaluate_testbed(pipe, out, erased, seeds_per_prompt=args.seeds, steps=args.steps, prompt_set=args.prompt_set)
+    return summary(m["per_prompt"], erased)
+
+
+def base_judgements(model: str, args, out: Path) -> dict:
+    """The unerased model's per-prompt judgements under this protocol, generated once and cached in --base-cache.
+
+    They do not depend on the word erased (only the summary does), so every concept's benchmark shares them.
+    """
+    cache = Path(args.base_cache)
+    key = f"{Path(model).resolve()}/{args.seeds}/{args.steps}/{args.prompt_set}/per_prompt"
+    cached = json.loads(cache.read_text()) if cache.exists() else {}
+    if key not in cached:
+        m = evaluate_testbed(load_pipeline(model), out, None, seeds_per_prompt=args.seeds, steps=args.steps,
+                             prompt_set=args.prompt_set)
+        # Re-read before writing: another benchmark sharing the cache may have added its own entries meanwhile.
+        cached = {**(json.loads(cache.read_text()) if cache.exists() else {}), key: m["per_prompt"]}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cached))
+        tmp.replace(cache)  # atomic: a reader never sees half a file
+    return cached[key]
 
 
 # Every concept the bar covers: the words, and the solid fill a prompt without a style word asks for.
@@ -102,18 +128,7 @@ def main() -> None:
     out_root = Path(base_cfg.output or tempfile.mkdtemp(prefix="esd-bench-"))
 
     model = base_cfg.model or str(TESTBED)  # --model: another testbed-like folder (with classifier/)
-    cache = Path(args.base_cache)
-    key = f"{Path(model).resolve()}/{word}/{args.seeds}/{args.steps}/{args.prompt_set}"
-    base_all = json.loads(cache.read_text()) if cache.exists() else {}
-    if key not in base_all:
-        measured = measure(load_pipeline(model), word, args, out_root / "base")
-        # Re-read before writing: another benchmark sharing the cache may have added its own entries meanwhile.
-        base_all = {**(json.loads(cache.read_text()) if cache.exists() else {}), key: measured}
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(base_all, indent=2))
-        tmp.replace(cache)  # atomic: a reader never sees half a file
-    base = base_all[key]
+    base = summary(base_judgements(model, args, out_root / "base"), word)
 
     from esd.erase import erase
 
@@ -133,14 +148,14 @@ def main() -> None:
                "sample_from": run.sample_from, "erase_s": round(seconds, 1), "after": after}
         print(json.dumps(row), flush=True)
         rows.append(row)
-    summary = table(word, base, [r["after"] for r in rows], erase_seeds)
+    text = table(word, base, [r["after"] for r in rows], erase_seeds)
     ok = verdict(word, base, [r["after"] for r in rows])
-    print(summary)
+    print(text)
     print(f"bar met on every seed: {all(ok.values())}; erase time {min(r['erase_s'] for r in rows):.0f}-"
           f"{max(r['erase_s'] for r in rows):.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps({"word": word, "base": base, "seeds": rows, "bar": ok,
-                                               "table": summary}, indent=2))
+                                               "table": text}, indent=2))
 
 
 if __name__ == "__main__":
