@@ -1,7 +1,7 @@
 """Seconds per iteration and peak memory of `esd erase` under several configurations, as ratios to a
 baseline measured in the same run.
 
-    python benchmarks/erase_cost.py --size tiny|testbed|sd1-full [--iterations N] [--ddim-steps N]
+    python benchmarks/erase_cost.py --size tiny|testbed|sd1-full|sd3|flux [--iterations N] [--ddim-steps N]
                                     [--device D] [--configs a,b,...] [--json FILE]
 
 The baseline reproduces the original cost model: two full UNets in fp32 (a frozen copy beside the
@@ -9,7 +9,11 @@ trained one), the sampler's conditional and unconditional forwards run separatel
 runs in its own process, so peak memory is its own: CUDA max allocated on a GPU, peak RSS on a CPU.
 Speed and memory do not depend on the weights' values, so `sd1-full` is SD1.x's UNet with random weights
 (its text encoder and VAE are small stand-ins of the right widths: they hardly cost anything per
-iteration). Iteration times exclude the first iteration (warm-up) when there are several.
+iteration). `sd3` and `flux` are transformers of the real models' width with fewer blocks, so that two of
+them fit this 24 GiB, 2-core machine (`TRANSFORMER_SIZES`): SD3-medium's 1536 wide MMDiT blocks (24 heads of
+64) four deep, and FLUX.1's 3072 wide blocks (24 heads of 128), one dual-stream and two single-stream; their text
+encoders are small stand-ins (a 77 + 512 token sequence, as the real ones give). Iteration times exclude the
+first iteration (warm-up) when there are several.
 """
 
 from __future__ import annotations
@@ -58,7 +62,34 @@ def build_pipeline(size: str):
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(CONFIG_DIR / "sd1" / "unet"))
         text = tiny.tiny_text_encoder(hidden_size=768)  # SD1.x's width; depth does not matter here
         return sd_pipeline(tiny.tiny_vae(), text, unet)
+    if size in TRANSFORMER_SIZES:
+        return transformer_pipeline(size)
     sys.exit(f"unknown --size {size}")
+
+
+# Real widths, fewer blocks (the real ones: SD3-medium 24 MMDiT blocks, 2B; FLUX.1 19 dual + 38 single, 12B).
+TRANSFORMER_SIZES = {
+    "sd3": dict(patch_size=2, in_channels=16, out_channels=16, num_layers=4, attention_head_dim=64,
+                num_attention_heads=24, caption_projection_dim=1536, pos_embed_max_size=192, sample_size=128),
+    "flux": dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=128,
+                 num_attention_heads=24, guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
+}
+
+
+def transformer_pipeline(size: str):
+    """A tiny SD3/FLUX pipeline whose transformer is replaced by one of the real width (random weights)."""
+    import torch
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    from esd import tiny
+
+    torch.manual_seed(0)
+    pipe = tiny.tiny_sd3_pipeline() if size == "sd3" else tiny.tiny_flux_pipeline()
+    text = pipe.transformer.config.joint_attention_dim  # the stand-in encoders' widths
+    pooled = pipe.transformer.config.pooled_projection_dim
+    cls = SD3Transformer2DModel if size == "sd3" else FluxTransformer2DModel
+    pipe.transformer = cls(joint_attention_dim=text, pooled_projection_dim=pooled, **TRANSFORMER_SIZES[size])
+    return pipe
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -141,7 +172,7 @@ def markdown(rows: list[dict], args: argparse.Namespace, device: str) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", choices=["tiny", "testbed", "sd1-full"], default="tiny")
+    p.add_argument("--size", choices=["tiny", "testbed", "sd1-full", *TRANSFORMER_SIZES], default="tiny")
     p.add_argument("--iterations", type=int, default=5)
     p.add_argument("--ddim-steps", type=int, default=50)
     p.add_argument("--device", default="auto")

@@ -82,7 +82,7 @@ def _check_card_snippet(card: str, out, tmp_path, monkeypatch) -> None:
     save_file({**load_file("esd.safetensors"), "mid_block.not_a_layer.weight": torch.zeros(2)},
               str(foreign / "esd.safetensors"))
     monkeypatch.chdir(foreign)
-    with pytest.raises(AssertionError, match="not tensors of this UNet"):
+    with pytest.raises(AssertionError, match="not tensors of this model"):
         exec(code, {})
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from esd.config import EraseConfig
-from esd.erase import Example, Slot, batch_loss, draw_example, erase
+from esd.erase import Example, Slot, batch_loss, draw_example, erase, prompts_needed
 from esd.errors import EsdError
 from esd.frozen import copied_denoiser, original_values, swapped_denoiser
 from esd.models import TESTBED, encode_prompt, load_pipeline
@@ -146,3 +146,31 @@ def test_the_testbed_recommends_phrasings_it_was_trained_on():
                     assert phrase(context, word) in known, (context, word)
     assert retain_pool(notes["erase_defaults"]["retain"], ["circle"])
     assert set(notes["erase_defaults"]["retain"]) <= known
+
+
+def test_siblings_are_held_in_the_iterations_own_phrasing_half_the_time():
+    from esd.examples import kept_prompt
+
+    cfg = EraseConfig(concept="circle", contexts=["red {}", "{}, striped"], retain=["", "a blue square"],
+                      siblings=["square", "circle", "triangle"])
+    slot = Slot.seeded(0)
+    drawn = [kept_prompt(cfg, retain_pool(cfg.retain, cfg.concepts), "red {}", slot) for _ in range(400)]
+    held = [p for p in drawn if p in ("red square", "red triangle")]
+    assert set(drawn) == {"", "a blue square", "red square", "red triangle"}  # never the erased circle itself
+    assert 0.4 < len(held) / len(drawn) < 0.6
+    # without --retain, always a sibling; every sibling phrasing is encoded once at setup
+    cfg_alone = EraseConfig(concept="circle", contexts=["red {}"], siblings=["square"])
+    assert kept_prompt(cfg_alone, [], "red {}", slot) == "red square"
+    assert {"red square", "red triangle", "square, striped", "triangle, striped"} <= prompts_needed(cfg)
+    with pytest.raises(EsdError, match="--siblings"):
+        EraseConfig(concept="circle", siblings=["circle"]).validate()
+
+
+def test_siblings_alone_draw_a_held_prompt_with_its_own_x_t(tiny_pipe):
+    cfg = EraseConfig(concept="circle", siblings=["square"], ddim_steps=3)
+    conds = {p: encode_prompt(tiny_pipe, p) for p in prompts_needed(cfg)}
+    eps = unet_denoiser(tiny_pipe.unet)
+    scheduler = ddim_scheduler(tiny_pipe.scheduler.config, 3)
+    ex = draw_example(cfg, conds, eps, eps, scheduler, (1, 4, 8, 8), Slot.seeded(1))
+    assert ex.retain is not None
+    assert torch.equal(ex.retain[0].embeds, conds["square"].embeds)

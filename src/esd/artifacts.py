@@ -15,7 +15,8 @@ from esd.config import ETA_CONVENTION, EraseConfig  # noqa: E402
 from esd.evaluate.generate import DEFAULT_GUIDANCE, generate_product  # noqa: E402
 from esd.evaluate.report import save_image  # noqa: E402
 from esd.grids import CELL, make_grid  # noqa: E402
-from esd.models import describe_model, grid_prompts  # noqa: E402
+from esd.models import describe_model, grid_prompts, text_encoders_on  # noqa: E402
+from esd.networks import is_transformer, network  # noqa: E402
 from esd.selection import group_table  # noqa: E402
 from esd.weights import atomic_path  # noqa: E402
 
@@ -30,7 +31,9 @@ def grid_spec(pipe, cfg: EraseConfig) -> list[str]:
 
 def _images(pipe, cfg: EraseConfig, size: int) -> list[Image.Image]:
     seeds = [cfg.seed + s for s in GRID_SEEDS]
-    return generate_product(pipe, grid_spec(pipe, cfg), seeds, cfg.grid_steps, DEFAULT_GUIDANCE, size, progress=True)
+    with text_encoders_on(pipe, network(pipe).device):  # erase keeps them off the GPU between grids
+        return generate_product(pipe, grid_spec(pipe, cfg), seeds, cfg.grid_steps, DEFAULT_GUIDANCE, size,
+                                progress=True)
 
 
 def before_images(pipe, cfg: EraseConfig, size: int) -> list[Image.Image]:
@@ -65,18 +68,51 @@ def write_loss_plot(path: Path, losses: list[float]) -> None:
 
 
 def trained_groups_table(pipe, trained: list[str]) -> str:
-    """Markdown table: for each UNet module group, how much of it was trained."""
+    """Markdown table: for each module group of the denoising network, how much of it was trained."""
     lines = ["| module group | trained tensors | trained parameters |", "|---|---|---|"]
-    for group, n_tensors, all_tensors, n_params, all_params in group_table(pipe.unet, trained):
+    for group, n_tensors, all_tensors, n_params, all_params in group_table(network(pipe), trained):
         mark = "all" if n_tensors == all_tensors else ("none" if n_tensors == 0 else "part")
         lines.append(f"| {group} | {n_tensors} of {all_tensors} ({mark}) | {n_params:,} of {all_params:,} |")
     return "\n".join(lines)
 
 
+def use_snippet(cfg: EraseConfig, base: str, part: str) -> str:
+    """How to load the weights with diffusers alone: a LoRA file through load_lora_weights, else load_state_dict."""
+    if cfg.lora_rank:
+        return f"""`esd.safetensors` is a LoRA file (rank {cfg.lora_rank}, scale 1) in diffusers' layout; its metadata
+(`esd_config`) holds the whole configuration.
+
+```python
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("{base}")
+pipe.load_lora_weights(".", weight_name="esd.safetensors")  # this folder
+pipe.fuse_lora()  # optional: merge it into the weights
+image = pipe("{cfg.concepts[0]}").images[0]
+```"""
+    return f"""`esd.safetensors` holds only the trained `pipe.{part}` parameters, under their diffusers names; its metadata
+(`esd_config`) holds the whole configuration.
+
+```python
+from diffusers import DiffusionPipeline
+from safetensors.torch import load_file
+
+pipe = DiffusionPipeline.from_pretrained("{base}")
+weights = load_file("esd.safetensors")
+# strict=False because the file holds only the trained tensors; check that it fits this model all the same
+loaded = pipe.{part}.load_state_dict(weights, strict=False)
+assert not loaded.unexpected_keys, f"not tensors of this model: {{loaded.unexpected_keys[:3]}}"
+assert set(pipe.{part}.state_dict()) - set(loaded.missing_keys) == set(weights), "not every tensor was loaded"
+image = pipe("{cfg.concepts[0]}").images[0]
+```"""
+
+
 def model_card(cfg: EraseConfig, pipe, result) -> str:
     base = getattr(pipe, "esd_source", cfg.model)
-    n_trained = sum(pipe.unet.get_parameter(n).numel() for n in result.trained)
-    n_total = sum(p.numel() for p in pipe.unet.parameters())
+    net = network(pipe)
+    part = "transformer" if is_transformer(net) else "unet"  # the pipeline attribute the weights belong to
+    n_trained = sum(net.get_parameter(n).numel() for n in result.trained)
+    n_total = sum(p.numel() for p in net.parameters())
     final = sum(result.losses[-20:]) / max(1, len(result.losses[-20:]))
     return f"""---
 library_name: diffusers
@@ -93,7 +129,7 @@ Erased with [ESD](https://arxiv.org/abs/2303.07345) (Gandikota et al., ICCV 2023
 | model family | {describe_model(pipe, cfg.image_size)}; the Eq. 5 target is applied to this native output |
 | concept(s) | {", ".join(f"`{c}`" for c in cfg.concepts)} |
 | erase from | {f"`{cfg.erase_from}`" if cfg.erase_from else "—"} |
-| method | `{cfg.method}` ({len(result.trained)} tensors, {n_trained:,} of {n_total:,} UNet parameters) |
+| method | `{cfg.method}` ({f"a rank-{cfg.lora_rank} LoRA update of its layers, " if cfg.lora_rank else ""}{len(result.trained)} tensors, {n_trained:,} trained parameters; the {part} has {n_total:,}) |
 | η (negative guidance) | {cfg.eta} — {ETA_CONVENTION} |
 | start guidance s | {cfg.start_guidance} |
 | iterations | {len(result.losses)} of {cfg.iterations}{" (stopped early)" if result.stopped_early else ""} |
@@ -115,21 +151,7 @@ Erased with [ESD](https://arxiv.org/abs/2303.07345) (Gandikota et al., ICCV 2023
 
 ## Use it
 
-`esd.safetensors` holds only the trained UNet parameters, under their diffusers names; its metadata
-(`esd_config`) holds the whole configuration.
-
-```python
-from diffusers import DiffusionPipeline
-from safetensors.torch import load_file
-
-pipe = DiffusionPipeline.from_pretrained("{base}")
-weights = load_file("esd.safetensors")
-# strict=False because the file holds only the trained tensors; check that it fits this UNet all the same
-loaded = pipe.unet.load_state_dict(weights, strict=False)
-assert not loaded.unexpected_keys, f"not tensors of this UNet: {{loaded.unexpected_keys[:3]}}"
-assert set(pipe.unet.state_dict()) - set(loaded.missing_keys) == set(weights), "not every tensor was loaded"
-image = pipe("{cfg.concepts[0]}").images[0]
-```
+{use_snippet(cfg, base, part)}
 
 or: `esd generate --model {base} --weights esd.safetensors --prompt "{cfg.concepts[0]}" --output images/`
 

@@ -80,6 +80,15 @@ class EraseConfig:
         "frozen model's at the same x_t (prompts naming a concept being erased are skipped)", default=None,
         meta={"nargs": "+"})
     retain_weight: float = _opt("weight of the --retain term against the erase term", default=1.0)
+    siblings: list[str] | None = _opt(
+        "opt-in: concepts of the erased concept's kind to keep in the same phrasings (e.g. the other colours when "
+        "erasing one); half the iterations hold the iteration's phrasing (--contexts; else the bare word) with one of "
+        "them instead of a --retain prompt ('red {}' erases 'red circle' and holds 'red square')", default=None,
+        meta={"nargs": "+"})
+    lora_rank: int | None = _opt("train a rank-R LoRA update of the layers --method selects instead of their weights "
+                                 "(big models: SDXL, SD3.5, FLUX); esd.safetensors is then a LoRA file that "
+                                 "diffusers' load_lora_weights reads (default: full weights, the paper)",
+                                 default=None, meta={"metavar": "R"})
     sample_from: Literal["esd", "frozen"] = _opt("which model samples x_t: esd (the one being trained, the "
                                                  "paper) or frozen (the 2025 code)", default="esd",
                                                  meta={"choices": ["esd", "frozen"]})
@@ -165,6 +174,8 @@ class EraseConfig:
             if getattr(self, name) not in choices:
                 raise EsdError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "
                                f"got {getattr(self, name)!r}")
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise EsdError(f"--lora-rank must be >= 1, got {self.lora_rank}; leave it out to train full weights")
         if not math.isfinite(self.retain_weight) or self.retain_weight < 0:
             raise EsdError(f"--retain-weight must be a finite number >= 0, got {self.retain_weight}")
         for context in self.contexts or []:
@@ -174,6 +185,9 @@ class EraseConfig:
         if self.retain and not retain_pool(self.retain, self.concepts):
             raise EsdError(f"every --retain prompt names a concept being erased ({', '.join(self.concepts)}): "
                            "give prompts to keep that do not")
+        if self.siblings and not retain_pool(self.siblings, self.concepts):
+            raise EsdError(f"every --siblings word names a concept being erased ({', '.join(self.concepts)}): "
+                           "give other concepts of the same kind")
         if self.contexts and self.erase_from:
             raise EsdError("--contexts and --erase-from both set where the guidance starts: give one of them")
         if self.erase_from is not None and not self.erase_from.strip():

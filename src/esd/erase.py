@@ -37,21 +37,25 @@ from esd.distributed import (
     global_mean,
     init_from_env,
 )
-from esd.errors import NonFiniteLossError
+from esd.errors import EsdError, NonFiniteLossError
 from esd.examples import Example, Slot, batch_loss, draw_example, prompts_needed  # noqa: F401  (re-exported)
 from esd.frozen import copied_denoiser, original_values, swapped_denoiser
+from esd.lora import add_lora, exported
 from esd.models import (
     default_image_size,
     describe_model,
     encode_prompt,
+    flux_guidance_distilled,
     load_pipeline,
     model_family,
     model_notes,
+    move_text_encoders,
     prediction_type,
     recommended_settings,
     resolve_device,
     save_esd_weights,
 )
+from esd.networks import is_transformer, network
 from esd.params import select_parameters
 from esd.sampling import Cond, Denoiser, ddim_scheduler, unet_denoiser
 
@@ -72,8 +76,12 @@ def esd_metadata(cfg: EraseConfig, pipe, step: int, trained: list[str]) -> dict[
     """What goes into the safetensors header: the whole config, the base model and versions."""
     import diffusers
 
+    net = network(pipe)
+    lora = {"lora_rank": str(cfg.lora_rank), "lora_alpha": str(cfg.lora_rank)} if cfg.lora_rank else {}
     return {
-        "format": "esd-unet-subset",
+        "format": "esd-lora" if cfg.lora_rank else "esd-unet-subset",
+        "network": "transformer" if is_transformer(net) else "unet",  # the pipeline attribute θ belongs to
+        **lora,
         "esd_config": cfg.to_json(),
         "base_model": str(getattr(pipe, "esd_source", cfg.model)),
         "model_family": model_family(pipe),
@@ -83,7 +91,7 @@ def esd_metadata(cfg: EraseConfig, pipe, step: int, trained: list[str]) -> dict[
         "concepts": " | ".join(cfg.concepts),
         "eta_convention": ETA_CONVENTION,
         "step": str(step),
-        "trained_parameters": str(sum(pipe.unet.get_parameter(n).numel() for n in trained)),
+        "trained_parameters": str(sum(net.get_parameter(n).numel() for n in trained)),
         "esd_version": __version__,
         "diffusers_version": diffusers.__version__,
         "torch_version": torch.__version__,
@@ -111,7 +119,7 @@ def prepare_unet(cfg: EraseConfig, unet, device: torch.device):
     of the frozen weights in bf16/fp16 mode.
     """
     unet.eval()  # eval: no dropout; gradients still flow to θ
-    params = select_parameters(unet, cfg.method)
+    params = add_lora(unet, cfg.method, cfg.lora_rank) if cfg.lora_rank else select_parameters(unet, cfg.method)
     originals = original_values(params)  # taken before any cast
     if cfg.precision != "fp32":  # frozen weights in half precision, θ (and so Adam's state) in fp32
         unet.to(PRECISIONS[cfg.precision])
@@ -152,6 +160,7 @@ class Setup:
     conds: dict[str, Cond]  # text conditioning, once per prompt (the text encoder is frozen)
     size: int  # image side in pixels
     applied: dict  # settings taken from the model folder's esd.json
+    guidance: float  # the sampler's CFG scale: --start-guidance, or 1 where the network takes it as an input (FLUX-dev)
 
     @property
     def sampler(self) -> Denoiser:
@@ -160,7 +169,7 @@ class Setup:
     @property
     def latent_shape(self) -> tuple[int, ...]:
         side = self.size // self.pipe.vae_scale_factor
-        return (1, self.pipe.unet.config.in_channels, side, side)
+        return (1, self.pipe.vae.config.latent_channels, side, side)
 
 
 def _brief(value) -> str:
@@ -188,16 +197,27 @@ def setup(cfg: EraseConfig, pipe, explicit: set[str] | None, progress: bool) -> 
         if applied and progress:
             tqdm.write(f"settings recommended by the model folder's esd.json{f' for a {kind}' if kind else ''} "
                        "(override with flags): " + ", ".join(f"{k}={_brief(v)}" for k, v in applied.items()))
-    params, trained, frozen = prepare_unet(cfg, pipe.unet, device)
-    for part in ("text_encoder", "text_encoder_2", "vae"):  # frozen helpers: weight dtype, on the device
+    if cfg.save_compvis and model_family(pipe) in ("sd3", "flux"):
+        raise EsdError(f"--save-compvis: no CompVis layout for {model_family(pipe).upper()}; leave the flag out "
+                       "(esd.safetensors holds the erased weights under diffusers names)")
+    params, trained, frozen = prepare_unet(cfg, network(pipe), device)
+    for part in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):  # frozen helpers: weight dtype, on the device
         if getattr(pipe, part, None) is not None:
             getattr(pipe, part).to(device, PRECISIONS[cfg.precision] if half else None)
     size = cfg.image_size or default_image_size(pipe)
+    side = size // pipe.vae_scale_factor
+    if model_family(pipe) == "flux" and side % 2:
+        raise EsdError(f"--image-size {size}: FLUX takes 2x2 patches of the latent, so the side must be a multiple "
+                       f"of {2 * pipe.vae_scale_factor}")
+    distilled = flux_guidance_distilled(pipe)
     if progress:  # say which adapter runs: the family decides text encoding, size ids and the output's meaning
         tqdm.write(f"base model: {describe_model(pipe, size)}")
-    conds = {p: encode_prompt(pipe, p, size) for p in prompts_needed(cfg)}
-    scheduler = ddim_scheduler(pipe.scheduler.config, cfg.ddim_steps)
-    return Setup(cfg, pipe, device, d, params, trained, frozen, scheduler, conds, size, applied)
+    conds = {p: encode_prompt(pipe, p, size, guidance=cfg.start_guidance) for p in prompts_needed(cfg)}
+    if device.type != "cpu":  # every prompt is encoded: the text encoders make room for training
+        move_text_encoders(pipe, "cpu")
+    scheduler = ddim_scheduler(pipe.scheduler, cfg.ddim_steps, image_seq_len=(side // 2) ** 2)
+    guidance = 1.0 if distilled else cfg.start_guidance  # FLUX-dev: the scale is in the conditioning instead
+    return Setup(cfg, pipe, device, d, params, trained, frozen, scheduler, conds, size, applied, guidance)
 
 
 def erase(cfg: EraseConfig, pipe=None, progress: bool = True,
@@ -270,7 +290,7 @@ def train_step(s: Setup, state: resume.TrainState, i: int, out: Path) -> tuple[f
     """One iteration: draw the batch, the loss, one Adam step on θ. Returns (the global mean loss, a concept)."""
     cfg, d, params = s.cfg, s.dist, state.params
     with _autocast(cfg, s.device):
-        batch = [draw_example(cfg, s.conds, s.sampler, s.frozen, s.scheduler, s.latent_shape, slot)
+        batch = [draw_example(cfg, s.conds, s.sampler, s.frozen, s.scheduler, s.latent_shape, slot, s.guidance)
                  for slot in state.slots]
         loss = batch_loss(cfg, s.trained, batch)
     shown = global_mean(loss.detach(), d.world)  # every process sees the same number, and stops together
@@ -294,7 +314,8 @@ def train_step(s: Setup, state: resume.TrainState, i: int, out: Path) -> tuple[f
 def finish(cfg: EraseConfig, pipe, params, result: EraseResult, before, size: int, write_outputs) -> None:
     """Final weights, the optional CompVis file, and the card, plot and grid beside them."""
     out = result.output
-    save_esd_weights(out / "esd.safetensors", params, esd_metadata(cfg, pipe, len(result.losses), result.trained))
+    metadata = esd_metadata(cfg, pipe, len(result.losses), result.trained)
+    save_esd_weights(out / "esd.safetensors", exported(params, metadata), metadata)
     if cfg.save_compvis:
         from esd.compvis import export_pipeline
 

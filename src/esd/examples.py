@@ -20,10 +20,10 @@ from esd.phrasing import anchor, phrase, retain_pool
 from esd.sampling import (
     Cond,
     Denoiser,
-    band_timestep,
     predict_pairs,
     sample_trajectory,
     sample_until,
+    step_timestep,
 )
 
 
@@ -73,9 +73,12 @@ class Slot:
 
 @torch.no_grad()
 def draw_example(cfg: EraseConfig, conds: dict[str, Cond], sampler: Denoiser, frozen: Denoiser, scheduler,
-                 latent_shape: tuple[int, ...], slot: Slot) -> Example:
+                 latent_shape: tuple[int, ...], slot: Slot, guidance: float | None = None) -> Example:
     """Draw w (and its phrasing), k and z_T, sample x_t till step k, pick t in step k's band, build the Eq. 5
-    target; with --retain, also draw a prompt to keep and its frozen prediction at the same x_t and t."""
+    target; with --retain, also draw a prompt to keep and its frozen prediction at the same x_t and t.
+    `guidance`: the sampler's classifier-free guidance scale (default --start-guidance; 1 for a
+    guidance-distilled model, whose guidance is an input of the network instead)."""
+    guidance = cfg.start_guidance if guidance is None else guidance
     null = conds[""]
     reuse = cfg.trajectory_reuse > 1 and slot.uses_left > 0
     w = slot.concept if reuse else slot.rng.choice(cfg.concepts)
@@ -83,40 +86,53 @@ def draw_example(cfg: EraseConfig, conds: dict[str, Cond], sampler: Denoiser, fr
     text = phrase(context, w)
     prompt = conds[cfg.erase_from] if cfg.erase_from else conds[text]  # conditions x_t and ε_θ
     pool = retain_pool(cfg.retain or [], cfg.concepts)
-    kept = (slot.kept if reuse else slot.rng.choice(pool)) if pool else None
+    holds = bool(pool or retain_pool(cfg.siblings or [], cfg.concepts))  # a prompt to keep is drawn
+    kept = (slot.kept if reuse else kept_prompt(cfg, pool, context, slot)) if holds else None
     # With --retain, the kept prompt's own x_t is sampled beside the concept's, from its own noise, in one batch.
-    sampled = Cond.cat(prompt, conds[kept]) if pool else prompt
+    sampled = Cond.cat(prompt, conds[kept]) if holds else prompt
     k = int(torch.randint(cfg.ddim_steps, (1,), generator=slot.gen))
     device = null.embeds.device
     if reuse:
         x = slot.trajectory[k]
     else:
         z_T = torch.randn(latent_shape, generator=slot.gen).to(device, null.embeds.dtype)
-        if pool:
+        if holds:
             z_T = torch.cat([z_T, torch.randn(latent_shape, generator=slot.gen).to(device, null.embeds.dtype)])
         if cfg.trajectory_reuse > 1:  # one full run now, read by the next R iterations
-            slot.trajectory = sample_trajectory(sampler, scheduler, z_T, sampled, null, cfg.start_guidance,
+            slot.trajectory = sample_trajectory(sampler, scheduler, z_T, sampled, null, guidance,
                                                 cfg.guidance_batch)
             slot.concept, slot.context, slot.kept, slot.uses_left = w, context, kept, cfg.trajectory_reuse
             x = slot.trajectory[k]
         else:
-            x = sample_until(sampler, scheduler, z_T, sampled, null, cfg.start_guidance, k, cfg.guidance_batch)
+            x = sample_until(sampler, scheduler, z_T, sampled, null, guidance, k, cfg.guidance_batch)
     slot.uses_left -= 1
     x_t, x_kept = x[:1], x[1:]
-    t = torch.tensor([band_timestep(k, cfg.ddim_steps, scheduler.config.num_train_timesteps, slot.gen)],
-                     device=device)
+    t = torch.tensor([step_timestep(k, scheduler, slot.gen)], device=device)
     # Where the guidance starts: "" (Eq. 5), or the phrasing without the concept ("a red" for "a red {}").
     named = {"start": conds[anchor(context)], "concept": conds[text]}
     if cfg.erase_from:
         named["context"] = prompt
     xs = [x_t] * len(named)
-    if pool:
+    if holds:
         named["retain"] = conds[kept]
         xs.append(x_kept)
     eps = dict(zip(named, predict_pairs(frozen, xs, t, list(named.values()), cfg.guidance_batch), strict=True))
     target = esd_target(eps["start"], eps["concept"], cfg.eta, eps.get("context"))
-    retain = (named["retain"], x_kept, eps["retain"]) if pool else None
+    retain = (named["retain"], x_kept, eps["retain"]) if holds else None
     return Example(w, k, x_t, t, prompt, target, retain)
+
+
+def kept_prompt(cfg: EraseConfig, pool: list[str], context: str, slot: Slot) -> str:
+    """The prompt held to ε* this iteration: a --retain prompt, or with --siblings, half the time the iteration's
+    own phrasing with a sibling concept in place of the erased one ("red square" while erasing "red circle").
+
+    The siblings are what an edit of the concept's phrasings is likeliest to move: they share every other word,
+    and in a text encoder where concept words are nearly collinear, most of the concept word too.
+    """
+    siblings = retain_pool(cfg.siblings or [], cfg.concepts)
+    if siblings and (not pool or slot.rng.random() < 0.5):
+        return phrase(context, slot.rng.choice(siblings))
+    return slot.rng.choice(pool)
 
 
 def batch_loss(cfg: EraseConfig, trained: Denoiser, batch: list[Example]) -> torch.Tensor:
@@ -134,8 +150,10 @@ def batch_loss(cfg: EraseConfig, trained: Denoiser, batch: list[Example]) -> tor
 
 def prompts_needed(cfg: EraseConfig) -> set[str]:
     """Every prompt `draw_example` may condition on: "", the concepts, the erase-from context, each phrasing of
-    each concept and its anchor, and the retained prompts. The text encoder is frozen: each is encoded once."""
+    each concept and its anchor, each phrasing of each sibling, and the retained prompts. The text encoder is frozen: each is encoded once."""
     prompts = {"", *cfg.concepts, *([cfg.erase_from] if cfg.erase_from else [])}
     for context in cfg.contexts or []:
         prompts |= {anchor(context), *(phrase(context, c) for c in cfg.concepts)}
+    for context in cfg.contexts or ["{}"]:
+        prompts |= {phrase(context, s) for s in retain_pool(cfg.siblings or [], cfg.concepts)}
     return prompts | set(retain_pool(cfg.retain or [], cfg.concepts))

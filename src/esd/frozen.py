@@ -12,8 +12,8 @@ import copy
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
+from esd.networks import forward
 from esd.sampling import Cond, Denoiser, unet_denoiser
 
 
@@ -23,14 +23,12 @@ def original_values(params: dict[str, nn.Parameter]) -> dict[str, Tensor]:
 
 
 def swapped_denoiser(unet: nn.Module, originals: dict[str, Tensor]) -> Denoiser:
-    """ε* as the live UNet with `originals` substituted for the trained parameters, per call."""
+    """ε* as the live network (UNet or transformer) with `originals` substituted for the trained parameters,
+    per call."""
 
     @torch.no_grad()
     def eps(x: Tensor, t: Tensor, cond: Cond) -> Tensor:
-        kwargs = {"encoder_hidden_states": cond.embeds.to(x.dtype)}
-        if cond.added:
-            kwargs["added_cond_kwargs"] = cond.added
-        return functional_call(unet, originals, (x, t), kwargs, strict=False).sample
+        return forward(unet, x, t, cond, params=originals)
 
     return eps
 

@@ -8,13 +8,15 @@ predicts, its native image size and the prompt encoding all live here. ESD weigh
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 import torch
 
 from esd.errors import EsdError
-from esd.sampling import Cond
+from esd.networks import TRANSFORMER_FAMILIES, network
+from esd.sampling import Cond, is_flow
 from esd.shipped import check_testbed, testbed_path
 
 # re-exported for esd.erase, esd.testbed.cli and tests/test_testbed*.py; import from esd.weights
@@ -95,7 +97,8 @@ def load_pipeline(model: str | None = None, device: torch.device | str = "cpu", 
                            "Offline? Download it on a connected machine and pass the local folder.") from err
     else:
         raise EsdError(f"--model {model}: no such file or folder")
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    if not is_flow(pipe.scheduler):  # flow-matching families (SD3, FLUX) keep their own Euler scheduler
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     pipe.esd_source = model  # where it came from, for metadata and model cards
@@ -148,16 +151,22 @@ def is_sdxl(pipe) -> bool:
     return getattr(pipe, "text_encoder_2", None) is not None and hasattr(pipe, "_get_add_time_ids")
 
 
-FAMILY_LABELS = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
-PREDICTION_LABELS = {"epsilon": "ε-prediction", "v_prediction": "v-prediction", "sample": "x0-prediction"}
+FAMILY_LABELS = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "sd3": "SD3/SD3.5", "flux": "FLUX.1"}
+PREDICTION_LABELS = {"epsilon": "ε-prediction", "v_prediction": "v-prediction", "sample": "x0-prediction",
+                     "flow": "flow matching (velocity)"}
 
 
 def model_family(pipe) -> str:
-    """'sd1' | 'sd2' | 'sdxl', from the pipeline's components (the same for folders, hub ids and CompVis files).
+    """'sd1' | 'sd2' | 'sdxl' | 'sd3' | 'flux', from the pipeline's components (the same for folders, hub ids
+    and CompVis files).
 
-    SDXL: two text encoders and size ids. SD2.x: an OpenCLIP text tower, which diffusers runs as a
-    CLIPTextModel with plain GELU (OpenAI's CLIP, SD1.x, uses quick-GELU), 1024 wide in the real model.
+    SD3 and FLUX: their transformer's class. SDXL: two text encoders and size ids. SD2.x: an OpenCLIP text
+    tower, which diffusers runs as a CLIPTextModel with plain GELU (OpenAI's CLIP, SD1.x, uses quick-GELU),
+    1024 wide in the real model.
     """
+    family = TRANSFORMER_FAMILIES.get(type(network(pipe)).__name__)
+    if family is not None:
+        return family
     if is_sdxl(pipe):
         return "sdxl"
     text = pipe.text_encoder.config
@@ -167,7 +176,10 @@ def model_family(pipe) -> str:
 
 
 def prediction_type(pipe) -> str:
-    """What the UNet outputs: 'epsilon', 'v_prediction' (SD2.x 768-v) or 'sample'; ESD trains it as it is."""
+    """What the network outputs: 'epsilon', 'v_prediction' (SD2.x 768-v), 'sample', or 'flow' (SD3, FLUX: the
+    velocity ε − x_0); ESD trains it as it is."""
+    if is_flow(pipe.scheduler):
+        return "flow"
     return str(pipe.scheduler.config.get("prediction_type", "epsilon"))
 
 
@@ -180,8 +192,15 @@ def describe_model(pipe, image_size: int | None = None) -> str:
 
 
 def default_image_size(pipe) -> int:
-    """The side the model was trained at: UNet sample size times the VAE's downsampling factor."""
-    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    """The side the model was trained at: the network's sample size times the VAE's downsampling factor
+    (FLUX's transformer has none: its pipeline's default, 128 latents, 1024 px)."""
+    sample_size = getattr(network(pipe).config, "sample_size", None) or getattr(pipe, "default_sample_size", 128)
+    return int(sample_size) * int(pipe.vae_scale_factor)
+
+
+def flux_guidance_distilled(pipe) -> bool:
+    """FLUX.1-dev takes the guidance scale as an input instead of running two predictions (schnell: neither)."""
+    return model_family(pipe) == "flux" and bool(network(pipe).config.guidance_embeds)
 
 
 def model_notes(pipe) -> dict:
@@ -202,7 +221,9 @@ def recommended_settings(notes: dict, concepts: list[str]) -> tuple[dict, str | 
 
     `esd.json` may name kinds of concept (`"concept_kinds": {"shape": ["circle", ...], ...}`) with settings
     for each (`"erase_defaults_by_kind"`); when every concept names a word of the same kind ("circle",
-    "a red circle"), that kind's settings win over the generic `"erase_defaults"`.
+    "a red circle"), that kind's settings win over the generic `"erase_defaults"`. When the concepts are bare
+    words of the kind and the settings erase them in phrasings (`contexts`), the kind's other words are held in
+    the same phrasings (`siblings`), unless the settings name their own.
     """
     generic = dict(notes.get("erase_defaults", {}))
     kinds = notes.get("concept_kinds", {})
@@ -216,7 +237,33 @@ def recommended_settings(notes: dict, concepts: list[str]) -> tuple[dict, str | 
     chosen = {**generic, **notes.get("erase_defaults_by_kind", {}).get(kind, {})}
     if any(c.strip().lower() not in kinds[kind] for c in concepts):
         chosen.pop("contexts", None)  # phrasings are written around the bare word: "a {}" of "a circle" is not one
+    elif chosen.get("contexts"):  # the same phrasings with the kind's other words are held (--siblings)
+        erased = {c.strip().lower() for c in concepts}
+        chosen.setdefault("siblings", [w for w in kinds[kind] if w not in erased])
     return chosen, kind
+
+
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def move_text_encoders(pipe, device: torch.device | str) -> None:
+    """Put the pipeline's text encoders on `device`. ESD encodes its prompts once, at the start: on a GPU the
+    encoders then wait on the CPU (FLUX's and SD3's T5 alone is 9 GB in bf16), and come back for the grids."""
+    for part in TEXT_ENCODERS:
+        if getattr(pipe, part, None) is not None:
+            getattr(pipe, part).to(device)
+
+
+@contextlib.contextmanager
+def text_encoders_on(pipe, device: torch.device | str):
+    """The text encoders on `device` inside the block (to generate), where they were after it."""
+    before = next((getattr(pipe, p).device for p in TEXT_ENCODERS if getattr(pipe, p, None) is not None), None)
+    move_text_encoders(pipe, device)
+    try:
+        yield
+    finally:
+        if before is not None:
+            move_text_encoders(pipe, before)
 
 
 def grid_prompts(pipe) -> list[str]:
@@ -225,9 +272,26 @@ def grid_prompts(pipe) -> list[str]:
 
 
 @torch.no_grad()
-def encode_prompt(pipe, text: str, image_size: int | None = None) -> Cond:
-    """Text conditioning of one prompt through the pipeline's own encoder(s)."""
-    device = pipe.unet.device
+def encode_prompt(pipe, text: str, image_size: int | None = None, guidance: float | None = None) -> Cond:
+    """Text conditioning of one prompt through the pipeline's own encoder(s).
+
+    SD3: the joint CLIP-L + CLIP-G (+ T5) sequence and the pooled CLIP vector; "" is its unconditional input, as
+    its pipeline's negative prompt. FLUX: the T5 sequence and pooled CLIP-L vector, plus `guidance` (the
+    guidance scale FLUX.1-dev takes as an input; for it ε*(x, ∅) is "" at the same guidance, a prediction the
+    model can make, where true classifier-free guidance was distilled away).
+    """
+    device = network(pipe).device
+    family = model_family(pipe)
+    if family == "sd3":
+        embeds, _, pooled, _ = pipe.encode_prompt(text, None, None, device=device, num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False)
+        return Cond(embeds, {"pooled_projections": pooled})
+    if family == "flux":
+        embeds, pooled, _ = pipe.encode_prompt(text, None, device=device, num_images_per_prompt=1)
+        added = {"pooled_projections": pooled}
+        if flux_guidance_distilled(pipe):
+            added["guidance"] = torch.full((1,), 3.5 if guidance is None else guidance, device=device)
+        return Cond(embeds, added)
     if is_sdxl(pipe):
         embeds, _, pooled, _ = pipe.encode_prompt(text, device=device, num_images_per_prompt=1,
                                                   do_classifier_free_guidance=False)

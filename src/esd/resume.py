@@ -35,6 +35,7 @@ from esd import __version__
 from esd.config import EraseConfig
 from esd.distributed import Dist, barrier, global_mean
 from esd.errors import EsdError
+from esd.lora import exported
 from esd.weights import load_esd_weights, save_esd_weights
 
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")
@@ -188,7 +189,7 @@ def save(out: Path, state: TrainState, cfg: EraseConfig, metadata: dict[str, str
         if cfg.checkpoints_total_limit:
             for old in checkpoints(out)[:-cfg.checkpoints_total_limit]:
                 remove(old)
-        save_esd_weights(out / "esd.safetensors", state.params, metadata)
+        save_esd_weights(out / "esd.safetensors", exported(state.params, metadata), metadata)
     barrier(d)
     return final
 

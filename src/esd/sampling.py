@@ -1,8 +1,9 @@
 """Partial DDIM sampling with classifier-free guidance: the x_t of ESD's Algorithm 1.
 
 A denoiser here is any callable `eps(x, t, cond) -> Tensor` giving the model's native output
-(ε, or v for v-prediction models); the scheduler turns it into DDIM updates. Nothing in diffusers
-is patched: we call the UNet and `scheduler.step` ourselves and stop early.
+(ε, or v for v-prediction models, the velocity for flow-matching ones); the scheduler turns it into
+DDIM updates, or Euler updates of the flow for SD3/FLUX. Nothing in diffusers is patched: we call the
+network and `scheduler.step` (or the Euler step) ourselves and stop early.
 
 Step indexing (docs/design.md, "DDIM step indexing"): with N DDIM steps over T training timesteps,
 step k ∈ [0, N) is the band of timesteps [round(k/N·T), round((k+1)/N·T)). The DDIM grid has exactly
@@ -45,12 +46,12 @@ class Cond:
 Denoiser = Callable[[Tensor, Tensor, Cond], Tensor]
 
 
-def unet_denoiser(unet: torch.nn.Module) -> Denoiser:
-    """Wrap a diffusers UNet2DConditionModel into the denoiser signature."""
+def unet_denoiser(net: torch.nn.Module) -> Denoiser:
+    """Wrap a pipeline's denoising network (a UNet, or an SD3/FLUX transformer) into the denoiser signature."""
+    from esd.networks import forward
 
     def eps(x: Tensor, t: Tensor, cond: Cond) -> Tensor:
-        kwargs = {"added_cond_kwargs": cond.added} if cond.added else {}
-        return unet(x, t, encoder_hidden_states=cond.embeds.to(x.dtype), **kwargs).sample
+        return forward(net, x, t, cond)
 
     return eps
 
@@ -76,21 +77,56 @@ def predict_pairs(eps: Denoiser, xs: list[Tensor], t: Tensor, conds: list[Cond],
 
 def guided(eps: Denoiser, x: Tensor, t: Tensor, cond: Cond, uncond: Cond, scale: float, batched: bool = True):
     """Classifier-free guidance: ε(x,∅) + s·(ε(x,c) − ε(x,∅)); one batched forward unless `batched` is False
-    (the original cost model: two separate forwards)."""
+    (the original cost model: two separate forwards). s = 1 is the conditional prediction alone: one forward
+    (how guidance-distilled FLUX samples, its guidance scale being an input of the network)."""
+    if scale == 1:
+        return eps(x, t, cond.repeat(len(x)) if len(cond.embeds) != len(x) else cond)
     e_uncond, e_cond = predict_prompts(eps, x, t, [uncond, cond], batched)
     return e_uncond + scale * (e_cond - e_uncond)
 
 
-def ddim_scheduler(config, num_steps: int) -> DDIMScheduler:
-    """A private deterministic DDIM scheduler (η_DDIM = 0) with `num_steps` steps."""
+def ddim_scheduler(config, num_steps: int, image_seq_len: int | None = None):  # config: or the scheduler
+    """A private deterministic DDIM scheduler (η_DDIM = 0) with `num_steps` steps; for a flow-matching model
+    (SD3, FLUX) its own Euler scheduler's grid of `num_steps` sigmas, with the shift the pipeline uses
+    (FLUX shifts by image size: `image_seq_len`, the number of 2x2 latent patches)."""
+    flow = is_flow(config)
+    config = getattr(config, "config", config)  # a scheduler may be given instead of its config
+    if flow:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+        mu = None
+        if scheduler.config.get("use_dynamic_shifting", False):
+            from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+            mu = calculate_shift(image_seq_len or 256, scheduler.config.get("base_image_seq_len", 256),
+                                 scheduler.config.get("max_image_seq_len", 4096),
+                                 scheduler.config.get("base_shift", 0.5), scheduler.config.get("max_shift", 1.15))
+        # FluxPipeline's grid: N sigmas from 1 down to 1/N before the shift (SD3's pipeline: the scheduler's own).
+        sigmas = [1.0 - i / num_steps for i in range(num_steps)] if mu is not None else None
+        scheduler.set_timesteps(num_steps, sigmas=sigmas, mu=mu)
+        return scheduler
     scheduler = DDIMScheduler.from_config(config)
     scheduler.set_timesteps(num_steps)
     return scheduler
 
 
-def ddim_states(eps: Denoiser, scheduler: DDIMScheduler, z_T: Tensor, cond: Cond, uncond: Cond,
+def is_flow(scheduler) -> bool:
+    """Whether a scheduler (or its config) is flow matching: x_σ = (1 − σ)·x_0 + σ·ε, the network predicting
+    ε − x_0. A config read from a folder names its class; one made in-process does not, but only flow-matching
+    schedulers have `use_dynamic_shifting`."""
+    if hasattr(scheduler, "config"):
+        return type(scheduler).__name__.startswith("FlowMatch")
+    return "FlowMatch" in str(scheduler.get("_class_name", "")) or "use_dynamic_shifting" in scheduler
+
+
+def ddim_states(eps: Denoiser, scheduler, z_T: Tensor, cond: Cond, uncond: Cond,
                 guidance: float, batched: bool = True) -> Iterator[Tensor]:
-    """Yield the DDIM states of a CFG run from pure noise z_T: first z_T (step N−1's level), then each update."""
+    """Yield the DDIM states of a CFG run from pure noise z_T: first z_T (step N−1's level), then each update.
+    With a flow-matching scheduler: the Euler states x ← x + (σ_next − σ)·v on its sigma grid."""
+    if is_flow(scheduler):
+        yield from _flow_states(eps, scheduler, z_T, cond, uncond, guidance, batched)
+        return
     x = z_T * scheduler.init_noise_sigma
     yield x
     for t in scheduler.timesteps[:-1]:  # descending: τ_{N−1}, ..., τ_1; the last update lands on τ_0
@@ -113,6 +149,32 @@ def sample_until(eps: Denoiser, scheduler: DDIMScheduler, z_T: Tensor, cond: Con
         raise ValueError(f"DDIM step k={k} outside [0, {n})")
     states = ddim_states(eps, scheduler, z_T, cond, uncond, guidance, batched)
     return next(itertools.islice(states, n - 1 - k, None))
+
+
+def _flow_states(eps: Denoiser, scheduler, z_T: Tensor, cond: Cond, uncond: Cond, guidance: float,
+                 batched: bool) -> Iterator[Tensor]:
+    """The flow-matching Euler run from pure noise (σ_0 = 1): z_T, then the state at each next sigma of the grid
+    but the last (σ = 0, the finished image), so there are N states as with DDIM."""
+    sigmas = scheduler.sigmas.tolist()
+    x = z_T
+    yield x
+    for i, t in enumerate(scheduler.timesteps[:-1]):
+        out = guided(eps, x, t.expand(len(x)).to(x.device), cond, uncond, guidance, batched)
+        x = x + (sigmas[i + 1] - sigmas[i]) * out
+        yield x
+
+
+def step_timestep(k: int, scheduler, generator: torch.Generator) -> float:
+    """The training timestep of an example at DDIM step k: uniform in step k's band (`band_timestep`); for a
+    flow-matching model σ·1000 with σ uniform in step k's band of sigmas, [σ of step k, σ of step k + 1) —
+    from x_t's own noise level up to the next noisier level of the grid, as DDIM's bands."""
+    if not is_flow(scheduler):
+        n, total = len(scheduler.timesteps), scheduler.config.num_train_timesteps
+        return band_timestep(k, n, total, generator)
+    sigmas = scheduler.sigmas.tolist()[:-1][::-1]  # ascending: element k is step k's level
+    low = sigmas[k]
+    high = sigmas[k + 1] if k + 1 < len(sigmas) else low  # step N−1 is pure noise: its band is σ_max alone
+    return 1000 * (low + (high - low) * float(torch.rand((), generator=generator)))
 
 
 def band_timestep(k: int, num_steps: int, num_train_timesteps: int, generator: torch.Generator) -> int:

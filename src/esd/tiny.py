@@ -158,3 +158,70 @@ def tiny_sd1_layout_unet() -> UNet2DConditionModel:
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
         attention_head_dim=4,
     )
+
+
+def tiny_t5_encoder():
+    """A 2-layer T5 encoder over `esd.tokenizer.t5_tokenizer()`'s vocabulary, 32 wide."""
+    from transformers import T5Config, T5EncoderModel
+
+    from esd.tokenizer import t5_tokenizer
+
+    config = T5Config(vocab_size=len(t5_tokenizer()), d_model=TEXT_DIM, d_kv=8, d_ff=2 * TEXT_DIM, num_layers=2,
+                      num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0)
+    return T5EncoderModel(config).eval()  # as from_pretrained gives it: no dropout
+
+
+def tiny_flow_vae() -> AutoencoderKL:
+    """SD3/FLUX's VAE layout: 16 latent channels, no quant convs, a shift and scale of the latents."""
+    vae = tiny_vae()
+    return AutoencoderKL(**{**vae.config, "latent_channels": 16, "use_quant_conv": False,
+                            "use_post_quant_conv": False, "shift_factor": 0.0609, "scaling_factor": 1.5035})
+
+
+def tiny_sd3_pipeline(seed: int = 0, t5: bool = True):
+    """An SD3-layout pipeline (MMDiT transformer, CLIP-L + CLIP-G + T5, flow-matching Euler with shift 3),
+    64x64 px images, random weights. `t5=False`: without the T5 encoder, as SD3 may be run."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    from esd.tokenizer import t5_tokenizer
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=TEXT_DIM, caption_projection_dim=TEXT_DIM,
+        pooled_projection_dim=2 * TEXT_DIM,  # the two CLIP encoders' pooled outputs, concatenated
+        pos_embed_max_size=16,
+    )
+    clip_l = CLIPTextModelWithProjection(tiny_text_encoder(projection_dim=TEXT_DIM).config)
+    clip_g = CLIPTextModelWithProjection(tiny_text_encoder(projection_dim=TEXT_DIM, hidden_act="gelu").config)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=tiny_flow_vae(),
+        text_encoder=clip_l, tokenizer=clip_tokenizer(), text_encoder_2=clip_g, tokenizer_2=clip_tokenizer(pad_token="!"),
+        text_encoder_3=tiny_t5_encoder() if t5 else None, tokenizer_3=t5_tokenizer() if t5 else None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
+    """A FLUX.1-layout pipeline (double- and single-stream blocks, CLIP-L pooled + T5 sequence, flow matching
+    with resolution-dependent shift), 64x64 px images, random weights. `guidance_embeds`: dev (True) or
+    schnell (False)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    from esd.tokenizer import t5_tokenizer
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=TEXT_DIM, pooled_projection_dim=TEXT_DIM,
+        guidance_embeds=guidance_embeds, axes_dims_rope=(4, 4, 8),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(transformer=transformer, scheduler=scheduler, vae=tiny_flow_vae(),
+                        text_encoder=tiny_text_encoder(), tokenizer=clip_tokenizer(),
+                        text_encoder_2=tiny_t5_encoder(), tokenizer_2=t5_tokenizer())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -66,3 +66,22 @@ def padded_ids(texts: list[str]):
     tok = clip_tokenizer()
     return tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
                return_tensors="pt").input_ids
+
+
+def t5_tokenizer(max_length: int = 512):
+    """A T5-style SentencePiece-unigram tokenizer built offline with the `tokenizers` library, for tiny test
+    pipelines (SD3's third and FLUX's second text encoder are T5): "▁"-prefixed word pieces, single printable
+    characters as the pieces every word falls back to, `</s>` appended, `<pad>` id 0 — T5's conventions,
+    with a vocabulary of 195 instead of 32,128."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    chars = [chr(c) for c in range(33, 127)]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [(c, -3.0) for c in chars] + [("▁" + c, -3.0) for c in chars]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=max_length)

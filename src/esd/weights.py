@@ -106,9 +106,21 @@ def _copy_into(own: dict[str, torch.nn.Parameter], tensors: dict[str, Tensor]) -
         own[name].copy_(value.to(own[name].dtype))
 
 
+def full_tensors(unet: torch.nn.Module, tensors: dict[str, Tensor], metadata: dict[str, str],
+                 path: str | Path) -> dict[str, Tensor]:
+    """The parameters a weights file sets: its tensors, or for a LoRA file (`--lora-rank`) the merged weights."""
+    from esd.lora import is_lora, merged_weights
+
+    if not is_lora(tensors):
+        return tensors
+    scale = float(metadata.get("lora_alpha", 1)) / float(metadata.get("lora_rank", 1))
+    return merged_weights(unet, tensors, scale, path)
+
+
 def apply_esd_weights(unet: torch.nn.Module, path: str | Path) -> dict[str, str]:
     """Load an ESD weights file into `unet` in place, after checking every name, dtype and shape."""
     tensors, metadata = load_esd_weights(path)
+    tensors = full_tensors(unet, tensors, metadata, path)
     _copy_into(_check_fits(unet, tensors, path), tensors)
     return metadata
 
@@ -131,6 +143,7 @@ def restore_parameters(unet: torch.nn.Module, saved: dict[str, Tensor]) -> None:
 def applied_weights(unet: torch.nn.Module, path: str | Path) -> Iterator[dict[str, str]]:
     """The UNet with an ESD weights file applied inside the block, and its own values again after it."""
     tensors, metadata = load_esd_weights(path)  # the file is read once and checked before anything changes
+    tensors = full_tensors(unet, tensors, metadata, path)
     own = _check_fits(unet, tensors, path)
     saved = snapshot_parameters(unet, list(tensors))
     try:

@@ -29,6 +29,7 @@ from esd.compvis.reading import (
     use_ema_weights,
 )
 from esd.errors import EsdError
+from esd.networks import is_transformer, network
 from esd.weights import apply_esd_weights, atomic_path
 
 log = logging.getLogger(__name__)
@@ -186,7 +187,7 @@ def convert(src: str | Path, dst: str | Path, weights: str | Path | None = None,
     """Convert SRC (CompVis file or diffusers folder), optionally with ESD weights applied, to DST.
 
     to: 'compvis' (default when DST ends in .safetensors/.ckpt), 'diffusers' (a pipeline folder) or
-    'diffusers-unet' (the UNet folder only). A CompVis -> CompVis conversion keeps every tensor of
+    'diffusers-unet' (the UNet folder only; an SD3/FLUX transformer's). A CompVis -> CompVis conversion keeps every tensor of
     SRC and replaces only the UNet. Nothing is written unless everything succeeded.
     """
     src, dst = Path(src), Path(dst)
@@ -194,12 +195,16 @@ def convert(src: str | Path, dst: str | Path, weights: str | Path | None = None,
     if not src.exists():
         raise EsdError(f"{src}: no such file or folder")
     pipe, base = _load_source(src, config, torch_dtype)
+    net = network(pipe)
+    if target == "compvis" and is_transformer(net):
+        raise EsdError(f"--to compvis: {src} is a {type(pipe).__name__}, which has no CompVis (LDM) layout; "
+                       "convert it to a diffusers folder (--to diffusers) instead")
     if weights is not None:
-        apply_esd_weights(pipe.unet, weights)
+        apply_esd_weights(net, weights)  # a LoRA file is merged into the weights
     if target == "compvis":
         write_pipeline(pipe, dst, base)
     elif target == "diffusers":
         _save_folder(pipe, dst)
     else:
-        _save_folder(pipe.unet, dst)
+        _save_folder(net, dst)
     return dst

@@ -1,0 +1,75 @@
+"""The denoising network of each family, called one way (docs/design.md, "Model families").
+
+SD1.x/SD2.x/SDXL denoise with a UNet (`pipe.unet`), SD3/SD3.5 and FLUX.1 with a transformer
+(`pipe.transformer`). `forward(net, x, t, cond)` gives the network's native prediction for latents
+x of shape (B, C, h, w) in every family: ε (or v) for the UNets, the flow-matching velocity for the
+transformers. The trainer, the frozen model ε* and the samplers only ever call this, so they are the
+same code for every family.
+
+Timesteps: a UNet takes the integer training timestep t ∈ [0, 1000); a flow-matching transformer takes
+σ·1000 (what its scheduler's `timesteps` hold, σ ∈ [0, 1] the noise level), FLUX divides it back to σ.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+if TYPE_CHECKING:
+    from esd.sampling import Cond
+
+# Family of a network class, by class name (importing diffusers' transformer classes is slow and optional).
+TRANSFORMER_FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
+
+
+def network(pipe) -> nn.Module:
+    """The pipeline's denoising network: the UNet, or the transformer of a flow-matching family."""
+    net = getattr(pipe, "unet", None)
+    return net if net is not None else pipe.transformer
+
+
+def is_transformer(net: nn.Module) -> bool:
+    return type(net).__name__ in TRANSFORMER_FAMILIES
+
+
+def forward(net: nn.Module, x: Tensor, t: Tensor, cond: Cond, params: dict[str, Tensor] | None = None) -> Tensor:
+    """The network's native prediction at (x, t, cond); with `params`, those parameter values are used for
+    this one call instead of the network's own (how ε* shares the trained network: esd.frozen)."""
+
+    def call(**kwargs):
+        if params is None:
+            return net(**kwargs)
+        return functional_call(net, params, (), kwargs, strict=False)
+
+    kind = TRANSFORMER_FAMILIES.get(type(net).__name__)
+    text = cond.embeds.to(x.dtype)
+    if kind is None:  # a UNet
+        added = {"added_cond_kwargs": cond.added} if cond.added else {}
+        return call(sample=x, timestep=t, encoder_hidden_states=text, **added).sample
+    pooled = cond.added["pooled_projections"].to(x.dtype)
+    if kind == "sd3":
+        return call(hidden_states=x, timestep=t, encoder_hidden_states=text, pooled_projections=pooled).sample
+    return _flux_forward(net, call, x, t, cond, text, pooled)
+
+
+def _flux_forward(net, call, x: Tensor, t: Tensor, cond: Cond, text: Tensor, pooled: Tensor) -> Tensor:
+    """FLUX takes 2x2 patches of the latent as a token sequence, with 3-axis position ids for image and text
+    (text ids are zeros, as FluxPipeline makes them), σ instead of σ·1000, and, for guidance-distilled
+    checkpoints (FLUX.1-dev), the guidance scale as an input."""
+    b, c, h, w = x.shape
+    tokens = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+    img_ids = flux_image_ids(h // 2, w // 2).to(x.device, x.dtype)
+    txt_ids = text.new_zeros(text.shape[1], 3)
+    guidance = cond.added.get("guidance") if net.config.guidance_embeds else None
+    out = call(hidden_states=tokens, timestep=t.to(x.dtype) / 1000, guidance=guidance, pooled_projections=pooled,
+               encoder_hidden_states=text, txt_ids=txt_ids, img_ids=img_ids).sample
+    return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+def flux_image_ids(rows: int, cols: int) -> Tensor:
+    """FLUX's image position ids: (rows·cols, 3) holding (0, row, column) of each patch, row-major."""
+    grid = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), dim=-1)
+    return torch.cat([torch.zeros(rows, cols, 1), grid.float()], dim=-1).reshape(rows * cols, 3)

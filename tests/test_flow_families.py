@@ -1,0 +1,235 @@
+"""SD3/SD3.5 and FLUX.1 (flow matching) end to end, on tiny pipelines built in-process (offline, CPU).
+
+What is pinned: Eq. 5 in velocity space is the ε-space target exactly; our network call and Euler sampler walk
+the pipelines' own trajectories (SD3's shifted grid and true CFG, FLUX's patch packing, position ids,
+resolution shift and guidance input); training timesteps lie in their step's band of sigmas; the parameter
+sets by role; `esd erase | generate` through the CLI write and apply exactly the selected tensors.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from esd.cli import main
+from esd.loss import esd_target
+from esd.models import describe_model, encode_prompt, model_family, prediction_type
+from esd.networks import forward, network
+from esd.sampling import ddim_scheduler, ddim_states, step_timestep, unet_denoiser
+from esd.selection import TRANSFORMER_RULES, trainable_names
+from esd.tiny import tiny_flux_pipeline, tiny_sd3_pipeline
+
+BUILDERS = {"sd3": tiny_sd3_pipeline, "flux": tiny_flux_pipeline,
+            "flux-schnell": lambda: tiny_flux_pipeline(guidance_embeds=False)}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny pipeline of each family saved as a diffusers folder (built once per module)."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            path = tmp_path_factory.mktemp(name) / "pipe"
+            BUILDERS[name]().save_pretrained(path)
+            cache[name] = path
+        return cache[name]
+
+    return get
+
+
+def test_family_and_output_are_detected():
+    sd3, flux = tiny_sd3_pipeline(), tiny_flux_pipeline()
+    assert (model_family(sd3), model_family(flux)) == ("sd3", "flux")
+    assert prediction_type(sd3) == prediction_type(flux) == "flow"
+    assert describe_model(sd3, 64).startswith("SD3/SD3.5 (StableDiffusion3Pipeline), flow matching")
+    assert describe_model(flux, 64).startswith("FLUX.1 (FluxPipeline)")
+
+
+def test_eq5_in_velocity_space_is_the_epsilon_target():
+    """x_σ = (1−σ)x_0 + σε and v = ε − x_0 give ε = x_σ + (1−σ)v: ε is affine in v at a fixed x_σ, and Eq. 5's
+    weights (1+η, −η) sum to one, so the v target maps to the ε target exactly."""
+    g = torch.Generator().manual_seed(0)
+    x, v_null, v_c = (torch.randn(2, 16, 4, 4, generator=g) for _ in range(3))
+    for sigma in (0.1, 0.5, 0.93):
+        for eta in (1.0, 3.0):
+            expected = esd_target(x + (1 - sigma) * v_null, x + (1 - sigma) * v_c, eta)
+            torch.testing.assert_close(x + (1 - sigma) * esd_target(v_null, v_c, eta), expected, rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_sd3_sampler_walks_the_pipelines_own_trajectory():
+    pipe = tiny_sd3_pipeline()
+    n, guidance = 5, 4.0
+    z = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    theirs = pipe(prompt="a red circle", latents=z.clone(), num_inference_steps=n, guidance_scale=guidance,
+                  height=64, width=64, output_type="latent").images
+    scheduler = ddim_scheduler(pipe.scheduler.config, n)
+    eps = unet_denoiser(network(pipe))
+    cond, null = encode_prompt(pipe, "a red circle"), encode_prompt(pipe, "")
+    states = list(ddim_states(eps, scheduler, z, cond, null, guidance))
+    assert len(states) == n
+    # our N states stop at the last grid sigma; the pipeline takes one more Euler step, to σ = 0
+    v = eps(torch.cat([states[-1]] * 2), scheduler.timesteps[-1].expand(2), _cat(null, cond)).chunk(2)
+    last = states[-1] + (0 - scheduler.sigmas[-2]) * (v[0] + guidance * (v[1] - v[0]))
+    torch.testing.assert_close(last, theirs, rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_flux_forward_and_sampler_match_the_pipeline():
+    """Packing into 2x2 patches, position ids, σ as the timestep, the guidance input and the resolution shift."""
+    from diffusers import FluxPipeline
+
+    pipe = tiny_flux_pipeline()
+    n, guidance = 4, 3.5
+    z = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(2))
+    packed = FluxPipeline._pack_latents(z.clone(), 1, 16, 8, 8)
+    theirs = pipe(prompt="a red circle", latents=packed, num_inference_steps=n, guidance_scale=guidance,
+                  height=64, width=64, output_type="latent").images
+    theirs = FluxPipeline._unpack_latents(theirs, 64, 64, pipe.vae_scale_factor)
+    scheduler = ddim_scheduler(pipe.scheduler.config, n, image_seq_len=16)
+    cond = encode_prompt(pipe, "a red circle", guidance=guidance)
+    eps = unet_denoiser(network(pipe))
+    states = list(ddim_states(eps, scheduler, z, cond, cond, 1.0))  # distilled: no true CFG
+    last = states[-1] + (0 - scheduler.sigmas[-2]) * eps(states[-1], scheduler.timesteps[-1].expand(1), cond)
+    torch.testing.assert_close(last, theirs, rtol=1e-4, atol=1e-5)
+    # the guidance is an input of the network: another scale, another prediction
+    other = encode_prompt(pipe, "a red circle", guidance=1.0)
+    t = scheduler.timesteps[:1]
+    assert not torch.allclose(forward(network(pipe), z, t, cond), forward(network(pipe), z, t, other))
+
+
+def _cat(a, b):
+    from esd.sampling import Cond
+
+    return Cond.cat(a, b)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_training_timesteps_lie_in_their_steps_band_of_sigmas(family):
+    pipe = BUILDERS[family]()
+    n = 6
+    scheduler = ddim_scheduler(pipe.scheduler.config, n, image_seq_len=16)
+    levels = scheduler.sigmas[:-1].flip(0).tolist()  # step k's own noise level, ascending in k
+    g = torch.Generator().manual_seed(0)
+    for k in range(n):
+        draws = [step_timestep(k, scheduler, g) / 1000 for _ in range(50)]
+        high = levels[k + 1] if k + 1 < n else levels[k]
+        assert all(levels[k] - 1e-6 <= s <= high + 1e-6 for s in draws), (k, min(draws), max(draws))
+    assert abs(levels[-1] - 1.0) < 1e-6  # the noisiest step is pure noise
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_parameter_sets_by_role(family):
+    net = network(BUILDERS[family]())
+    names = {m: set(trainable_names(net, m)) for m in TRANSFORMER_RULES}
+    text_side = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "norm_added_q", "norm_added_k")
+    assert names["xattn"] and all(n.split(".")[3] in text_side for n in names["xattn"])
+    assert names["x-strict"] == {n for n in names["xattn"] if ".add_k_proj." in n or ".add_v_proj." in n}
+    assert all(n.split(".")[3] in ("to_q", "to_k", "to_v", "to_out", "norm_q", "norm_k")
+               for n in names["selfattn"])
+    assert not names["xattn"] & names["noxattn"] and not names["xattn"] & names["selfattn"]
+    assert not any(n.startswith("single_transformer_blocks.") for n in names["xattn"] | names["selfattn"])
+    assert not any(n.startswith(("time_text_embed.", "context_embedder.", "proj_out.")) for n in names["noxattn"])
+    assert names["full"] == {n for n, _ in net.named_parameters()}
+    if family == "flux":
+        assert any(n.startswith("single_transformer_blocks.") for n in names["noxattn"])
+
+
+def _erase(tmp_path, model, *extra) -> int:
+    return main(["erase", "--model", str(model), "--concept", "a red circle", "--iterations", "3", "--ddim-steps", "4",
+                 "--image-size", "64", "--grid-steps", "2", "--lr", "1e-2", "--device", "cpu",
+                 "--output", str(tmp_path / "out"), *extra])
+
+
+@pytest.mark.parametrize("family,method", [("sd3", "xattn"), ("sd3", "full"), ("flux", "xattn"),
+                                           ("flux", "noxattn"), ("flux-schnell", "x-strict")])
+def test_erase_and_generate_through_the_cli(tmp_path, saved, family, method):
+    model = saved(family)
+    assert _erase(tmp_path, model, "--method", method) == 0
+    out = tmp_path / "out"
+    pipe = BUILDERS[family]()
+    expected = set(trainable_names(network(pipe), method))
+    with safe_open(str(out / "esd.safetensors"), "pt") as f:
+        assert set(f.keys()) == expected
+        assert f.metadata()["model_family"] == family.split("-")[0]
+        assert f.metadata()["prediction_type"] == "flow"
+        changed = [name for name in f.keys()
+                   if not torch.equal(f.get_tensor(name), network(pipe).get_parameter(name).detach())]
+    assert changed  # training moved the selected tensors (lr 1e-2, 3 steps)
+    card = (out / "README.md").read_text()
+    assert "the transformer has" in card and "pipe.transformer.load_state_dict" in card
+    assert (out / "grid.png").is_file() and (out / "loss.png").is_file()
+
+    images = {}
+    for name, weights in (("base", []), ("erased", ["--weights", str(out / "esd.safetensors")])):
+        assert main(["generate", "--model", str(model), "--prompt", "a red circle", "--steps", "3", "--image-size",
+                     "64", "--device", "cpu", "--output", str(tmp_path / name), *weights]) == 0
+        (image,) = sorted((tmp_path / name).glob("*.png"))
+        images[name] = np.asarray(Image.open(image).convert("RGB"), dtype=np.float32)
+    assert np.abs(images["base"] - images["erased"]).max() > 0  # generate applied the weights
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--method", "xlayer"], "has no counterpart"),
+    (["--save-compvis"], "no CompVis layout"),
+    (["--image-size", "72"], "multiple of 16"),
+])
+def test_bad_input_on_flux_exits_2_naming_the_problem(tmp_path, saved, capsys, args, message):
+    assert _erase(tmp_path, saved("flux"), *args) == 2
+    assert message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------ LoRA
+
+
+def _lora_family_model(family, saved, tiny_pipe_dir):
+    return tiny_pipe_dir if family == "sd1" else saved(family)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd3", "flux"])
+def test_lora_erase_is_a_file_diffusers_loads_and_convert_merges(tmp_path, saved, tiny_pipe_dir, family):
+    from diffusers import DiffusionPipeline
+    from torch import nn
+
+    from esd.models import load_pipeline
+    from esd.weights import apply_esd_weights
+
+    model = _lora_family_model(family, saved, tiny_pipe_dir)
+    assert _erase(tmp_path, model, "--lora-rank", "2") == 0
+    path = tmp_path / "out" / "esd.safetensors"
+    base = load_pipeline(str(model))
+    net = network(base)
+    prefix = "unet." if family == "sd1" else "transformer."
+    with safe_open(str(path), "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    assert meta["format"] == "esd-lora" and meta["lora_rank"] == "2"
+    assert all(k.startswith(prefix) and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
+    adapted = {k[len(prefix):].rsplit(".lora_", 1)[0] for k in keys}
+    selected = {n.rsplit(".", 1)[0] for n in trainable_names(net, "xattn")}
+    assert adapted == {m for m in selected if isinstance(net.get_submodule(m), (nn.Linear, nn.Conv2d))}
+
+    ours = load_pipeline(str(model))
+    apply_esd_weights(network(ours), path)
+    theirs = DiffusionPipeline.from_pretrained(str(model))
+    theirs.load_lora_weights(str(path.parent), weight_name="esd.safetensors")  # diffusers' own loader
+    theirs.fuse_lora()
+    theirs.unload_lora_weights()
+    mine, fused, original = (dict(network(p).named_parameters()) for p in (ours, theirs, base))
+    moved = [n for n in mine if not torch.equal(mine[n], original[n])]
+    assert moved and {n.rsplit(".", 1)[0] for n in moved} <= adapted
+    for name in mine:
+        torch.testing.assert_close(mine[name], fused[name], rtol=1e-5, atol=1e-6)
+
+    assert main(["convert", str(model), str(tmp_path / "merged"), "--weights", str(path)]) == 0
+    merged = dict(network(DiffusionPipeline.from_pretrained(str(tmp_path / "merged"))).named_parameters())
+    for name in moved:
+        torch.testing.assert_close(merged[name], mine[name])
+
+
+def test_lora_rank_below_one_exits_2(tmp_path, saved, capsys):
+    assert _erase(tmp_path, saved("sd3"), "--lora-rank", "0") == 2
+    assert "--lora-rank must be >= 1" in capsys.readouterr().err
