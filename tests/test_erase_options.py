@@ -38,6 +38,17 @@ def test_recommended_phrasings_apply_to_the_bare_word_only():
     assert kind == "shape" and chosen["method"] == "noxattn" and "contexts" not in chosen
 
 
+def test_the_kinds_other_words_are_held_in_the_same_phrasings():
+    notes = {**NOTES, "concept_kinds": {"shape": ["circle", "square", "triangle"], "colour": ["red"]},
+             "erase_defaults_by_kind": {"shape": {"contexts": ["{}", "a {}"]}, "colour": {}}}
+    assert recommended_settings(notes, ["circle"])[0]["siblings"] == ["square", "triangle"]
+    assert recommended_settings(notes, ["circle", "Square"])[0]["siblings"] == ["triangle"]
+    assert "siblings" not in recommended_settings(notes, ["a circle"])[0]  # no phrasings: nothing to hold them in
+    assert "siblings" not in recommended_settings(notes, ["red"])[0]  # the kind erases the bare word only
+    own = {**notes, "erase_defaults_by_kind": {"shape": {"contexts": ["{}"], "siblings": ["square"]}}}
+    assert recommended_settings(own, ["circle"])[0]["siblings"] == ["square"]
+
+
 def test_cosine_schedule_decays_to_zero_and_constant_stays():
     cfg = EraseConfig(concept="x", iterations=100, lr_schedule="cosine")
     assert lr_factor(cfg, 0) == 1.0 and lr_factor(cfg, 50) == pytest.approx(0.5)

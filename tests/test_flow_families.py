@@ -233,3 +233,16 @@ def test_lora_erase_is_a_file_diffusers_loads_and_convert_merges(tmp_path, saved
 def test_lora_rank_below_one_exits_2(tmp_path, saved, capsys):
     assert _erase(tmp_path, saved("sd3"), "--lora-rank", "0") == 2
     assert "--lora-rank must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_a_transformer_single_file_is_refused_with_the_fix(tmp_path, capsys, family):
+    from safetensors.torch import save_file
+
+    path = tmp_path / f"{family}.safetensors"
+    net = network(BUILDERS[family]())
+    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    assert main(["erase", "--model", str(path), "--concept", "x", "--iterations", "1", "--device", "cpu",
+                 "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "single file, which esd does not read" in err and "diffusers folder or the Hugging Face id" in err

@@ -122,6 +122,11 @@ def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
     tensors = {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, Tensor)}
     if len(tensors) < len(raw):
         log.info("%s: ignoring %d non-tensor entries", path, len(raw) - len(tensors))
+    transformer = transformer_family(tensors)
+    if transformer is not None:
+        example = "black-forest-labs/FLUX.1-dev" if transformer == "FLUX.1" else "stabilityai/stable-diffusion-3.5-medium"
+        raise EsdError(f"{path}: a {transformer} single file, which esd does not read; pass --model the diffusers "
+                       f"folder or the Hugging Face id of the pipeline (e.g. {example})")
     if not any(k.startswith((UNET_PREFIX, EMA_PREFIX)) for k in tensors):
         hint = " (diffusers UNet names: pass the diffusers folder instead)" if "conv_in.weight" in tensors else ""
         raise EsdError(
@@ -132,6 +137,18 @@ def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
 
 
 # ------------------------------------------------------------------------------ family and EMA
+
+
+def transformer_family(tensors: dict) -> str | None:
+    """'SD3/SD3.5' or 'FLUX.1' when the tensors are such a transformer, in the original (Stability's
+    `joint_blocks`, Black Forest Labs' `double_blocks`, with or without ComfyUI's `model.diffusion_model.`
+    prefix) or diffusers' naming; None otherwise."""
+    names = {k.removeprefix("model.diffusion_model.") for k in tensors}
+    if any(n.startswith(("double_blocks.", "single_blocks.", "single_transformer_blocks.")) for n in names):
+        return "FLUX.1"
+    if any(n.startswith("joint_blocks.") for n in names) or any(".attn.add_k_proj." in n for n in names):
+        return "SD3/SD3.5"
+    return None
 
 
 def _context_dim(state_dict: dict[str, Tensor]) -> int | None:
