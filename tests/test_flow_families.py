@@ -145,11 +145,13 @@ def _erase(tmp_path, model, *extra) -> int:
                  "--output", str(tmp_path / "out"), *extra])
 
 
-@pytest.mark.parametrize("family,method", [("sd3", "xattn"), ("sd3", "full"), ("flux", "xattn"),
-                                           ("flux", "noxattn"), ("flux-schnell", "x-strict")])
-def test_erase_and_generate_through_the_cli(tmp_path, saved, family, method):
+@pytest.mark.parametrize("family,method,extra", [
+    ("sd3", "xattn", []), ("sd3", "full", ["--sample-from", "frozen"]), ("flux", "xattn", []),
+    ("flux", "noxattn", ["--erase-from", "a circle"]), ("flux-schnell", "x-strict", []),
+])
+def test_erase_and_generate_through_the_cli(tmp_path, saved, family, method, extra):
     model = saved(family)
-    assert _erase(tmp_path, model, "--method", method) == 0
+    assert _erase(tmp_path, model, "--method", method, *extra) == 0
     out = tmp_path / "out"
     pipe = BUILDERS[family]()
     expected = set(trainable_names(network(pipe), method))
