@@ -134,7 +134,7 @@ Erased with [ESD](https://arxiv.org/abs/2303.07345) (Gandikota et al., ICCV 2023
 | start guidance s | {cfg.start_guidance} |
 | iterations | {len(result.losses)} of {cfg.iterations}{" (stopped early)" if result.stopped_early else ""} |
 | learning rate | {cfg.lr} (Adam) |
-| DDIM steps N | {cfg.ddim_steps}; x_t sampled by the {"model being trained (paper)" if cfg.sample_from == "esd" else "frozen model (2025 code)"} |
+| sampling steps N | {cfg.ddim_steps} ({"flow-matching Euler" if is_transformer(net) else "DDIM"}); x_t sampled by the {"model being trained (paper)" if cfg.sample_from == "esd" else "frozen model (2025 code)"} |
 | seed | {cfg.seed} |
 | from the model's esd.json | {", ".join(f"{k}={v}" for k, v in result.model_defaults.items()) or "—"} (recommended settings for flags not given) |
 | final loss (mean of last 20) | {final:.5f} |

@@ -59,9 +59,10 @@ class EraseConfig:
     iterations: int = _opt("training iterations (paper: 1000)", default=1000)
     lr: float = _opt("Adam learning rate (paper: 1e-5)", default=1e-5)
     eta: float = _opt("negative guidance eta, " + ETA_CONVENTION, default=1.0)
-    start_guidance: float = _opt("classifier-free guidance s used to sample x_t with the concept prompt", default=3.0)
-    ddim_steps: int = _opt("DDIM steps N of the partial sampler; x_t is taken after a random number of them",
-                           default=50)
+    start_guidance: float = _opt("classifier-free guidance s used to sample x_t with the concept prompt (FLUX.1-dev: "
+                                 "the guidance value it takes as an input)", default=3.0)
+    ddim_steps: int = _opt("steps N of the partial sampler (DDIM; flow-matching Euler for SD3/FLUX); x_t is taken "
+                           "after a random number of them", default=50)
     seed: int = _opt("random seed (concept draws, DDIM step, noise, grid images)", default=0)
     device: str = _opt("torch device: auto, cpu, cuda, cuda:1, mps", default="auto")
     devices: str | None = _opt("two devices 'A,B' (e.g. 0,1): trained UNet on A, a frozen full copy on B "
