@@ -26,3 +26,22 @@ def tiny_pipe_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-sd")
     tiny_sd_pipeline(seed=0).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def saved(tmp_path_factory):
+    """`saved(name)`: a tiny pipeline of that family saved as a diffusers folder, built once per session."""
+    from esd import tiny
+
+    builders = {"sd2-v": tiny.tiny_sd2_pipeline, "sdxl": tiny.tiny_sdxl_pipeline, "sd3": tiny.tiny_sd3_pipeline,
+                "flux": tiny.tiny_flux_pipeline, "flux-schnell": lambda: tiny.tiny_flux_pipeline(guidance_embeds=False)}
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            path = tmp_path_factory.mktemp(name) / "pipe"
+            builders[name]().save_pretrained(path)
+            cache[name] = path
+        return cache[name]
+
+    return get

@@ -33,21 +33,6 @@ BUILDERS = {"sd2-v": tiny_sd2_pipeline, "sdxl": tiny_sdxl_pipeline}
 CONCEPT = "a red circle"
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """A tiny pipeline of each family saved as a diffusers folder (built once per module)."""
-    cache = {}
-
-    def get(name: str):
-        if name not in cache:
-            path = tmp_path_factory.mktemp(name) / "pipe"
-            BUILDERS[name]().save_pretrained(path)
-            cache[name] = path
-        return cache[name]
-
-    return get
-
-
 def _pixels(path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
 

@@ -26,21 +26,6 @@ BUILDERS = {"sd3": tiny_sd3_pipeline, "flux": tiny_flux_pipeline,
             "flux-schnell": lambda: tiny_flux_pipeline(guidance_embeds=False)}
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """A tiny pipeline of each family saved as a diffusers folder (built once per module)."""
-    cache = {}
-
-    def get(name: str):
-        if name not in cache:
-            path = tmp_path_factory.mktemp(name) / "pipe"
-            BUILDERS[name]().save_pretrained(path)
-            cache[name] = path
-        return cache[name]
-
-    return get
-
-
 def test_family_and_output_are_detected():
     sd3, flux = tiny_sd3_pipeline(), tiny_flux_pipeline()
     assert (model_family(sd3), model_family(flux)) == ("sd3", "flux")

@@ -197,8 +197,9 @@ def setup(cfg: EraseConfig, pipe, explicit: set[str] | None, progress: bool) -> 
         if applied and progress:
             tqdm.write(f"settings recommended by the model folder's esd.json{f' for a {kind}' if kind else ''} "
                        "(override with flags): " + ", ".join(f"{k}={_brief(v)}" for k, v in applied.items()))
-    if cfg.save_compvis and model_family(pipe) in ("sd3", "flux"):
-        raise EsdError(f"--save-compvis: no CompVis layout for {model_family(pipe).upper()}; leave the flag out "
+    family = model_family(pipe)
+    if cfg.save_compvis and family in ("sd3", "flux"):
+        raise EsdError(f"--save-compvis: no CompVis layout for {family.upper()}; leave the flag out "
                        "(esd.safetensors holds the erased weights under diffusers names)")
     params, trained, frozen = prepare_unet(cfg, network(pipe), device)
     for part in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):  # frozen helpers: weight dtype, on the device
@@ -206,7 +207,7 @@ def setup(cfg: EraseConfig, pipe, explicit: set[str] | None, progress: bool) -> 
             getattr(pipe, part).to(device, PRECISIONS[cfg.precision] if half else None)
     size = cfg.image_size or default_image_size(pipe)
     side = size // pipe.vae_scale_factor
-    if model_family(pipe) == "flux" and side % 2:
+    if family == "flux" and side % 2:
         raise EsdError(f"--image-size {size}: FLUX takes 2x2 patches of the latent, so the side must be a multiple "
                        f"of {2 * pipe.vae_scale_factor}")
     distilled = flux_guidance_distilled(pipe)

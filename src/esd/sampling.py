@@ -80,7 +80,7 @@ def guided(eps: Denoiser, x: Tensor, t: Tensor, cond: Cond, uncond: Cond, scale:
     (the original cost model: two separate forwards). s = 1 is the conditional prediction alone: one forward
     (how guidance-distilled FLUX samples, its guidance scale being an input of the network)."""
     if scale == 1:
-        return eps(x, t, cond.repeat(len(x)) if len(cond.embeds) != len(x) else cond)
+        return eps(x, t, cond.repeat(len(x)))
     e_uncond, e_cond = predict_prompts(eps, x, t, [uncond, cond], batched)
     return e_uncond + scale * (e_cond - e_uncond)
 
