@@ -13,6 +13,7 @@ from esd import app_runs as R  # noqa: E402  (run folders)
 from esd import app_state as S  # noqa: E402  (the model, erase, compare, export, evaluate)
 from esd.config import METHOD_CHOICES, EraseConfig  # noqa: E402
 from esd.errors import EsdError  # noqa: E402
+from esd.weights import applied_weights  # noqa: E402
 
 # A short erase: a few iterations of a 3-step sampler, no before/after grid, no intermediate saves.
 QUICK = {"concept": "circle", "method": "xattn", "iterations": 4, "eta": 1.0, "start_guidance": 3.0,
@@ -84,6 +85,20 @@ def test_erase_writes_a_run_and_restores_the_base_weights(app, finished_run):
     assert all(torch.equal(value, after[n]) for n, value in before.items()), "base UNet not restored"
     assert "Finished" in A.job_status(job) and "4 of 4" in A.job_status(job)
     assert list(A.loss_frame(job.losses)["loss"]) == job.losses
+
+
+def test_a_robust_erase_of_the_text_encoder_restores_it_and_compare_applies_it(app, finished_run):
+    from safetensors.torch import load_file
+
+    encoder = {n: p.detach().clone() for n, p in app.pipe.text_encoder.named_parameters()}
+    job = app.start_erase({**QUICK, "iterations": 2, "robust": True, "train_text_encoder": True})
+    _wait(job)
+    written = load_file(str(app.output_dir / job.run_name / "esd.safetensors"))
+    assert any(k.startswith("text_encoder.") for k in written)
+    assert all(torch.equal(p, encoder[n]) for n, p in app.pipe.text_encoder.named_parameters())
+    with applied_weights(app.pipe, app.output_dir / job.run_name / "esd.safetensors"):
+        changed = [n for n, p in app.pipe.text_encoder.named_parameters() if not torch.equal(p, encoder[n])]
+    assert changed  # the app's way of applying a run sets the text encoder too
 
 
 def test_compare_original_and_erased_same_seeds(app, finished_run):

@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 
 from esd.cli import main
 from esd.config import EraseConfig
-from esd.erase import erase
+from esd.erase import erase, parameter_of
 from esd.errors import EsdError, NonFiniteLossError
 from esd.resume import checkpoints, latest, read_state
 from esd.tiny import tiny_sd_pipeline
@@ -27,13 +27,16 @@ from esd.weights import load_esd_weights
 ITERATIONS = 5
 
 # Each keeps some part of the state a resume must restore: the concept draws, the lr schedule, the cached
-# trajectory and its uses left, several slots with their kept prompt and phrasing, the gradient scaler.
+# trajectory and its uses left, several slots with their kept prompt and phrasing, the gradient scaler, the
+# adversarial prefix of each slot and a trained text encoder.
 OPTIONS = {
     "plain": {},
     "two-concepts-cosine": dict(concept="a red circle; a blue square", separator=";", lr_schedule="cosine"),
     "trajectory-reuse": dict(trajectory_reuse=3),
     "batch-retain-contexts": dict(batch_size=2, retain=["a blue square"], contexts=["{}", "a red {}"]),
     "fp16-grad-scaler": dict(precision="fp16"),
+    "robust-text-encoder": dict(robust=True, robust_steps=2, robust_every=2, train_text_encoder=True,
+                                retain=["a blue square"]),
 }
 # (iteration index to stop after, how): on_step returning True, raising KeyboardInterrupt, or a SIGTERM.
 STOPS = [(0, "return"), (2, "keyboard"), (3, "sigterm")]
@@ -46,7 +49,7 @@ def _cfg(out, **kw) -> EraseConfig:
 
 
 def _theta(pipe, names) -> dict[str, torch.Tensor]:
-    return {n: pipe.unet.get_parameter(n).detach().clone() for n in names}
+    return {n: parameter_of(pipe, n).detach().clone() for n in names}
 
 
 def _stopper(k: int, how: str):
@@ -89,7 +92,7 @@ def _assert_equal(result, pipe, expected) -> None:
     losses, theta = expected
     assert result.losses == losses
     for name, value in theta.items():
-        assert torch.equal(pipe.unet.get_parameter(name).detach(), value), name
+        assert torch.equal(parameter_of(pipe, name).detach(), value), name
 
 
 @pytest.mark.parametrize(("k", "how"), STOPS)

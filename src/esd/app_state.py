@@ -43,7 +43,8 @@ STOP_WAIT_S = 300  # and how long it then waits for that erase to end its curren
 
 # EraseConfig fields shown in the form (the rest keep their EraseConfig defaults).
 FORM_FIELDS = ("concept", "method", "iterations", "eta", "start_guidance", "lr", "seed")
-ADVANCED_FIELDS = ("ddim_steps", "sample_from", "separator", "erase_from", "grid_steps", "save_every")
+ADVANCED_FIELDS = ("ddim_steps", "sample_from", "separator", "erase_from", "grid_steps", "save_every", "robust",
+                   "train_text_encoder")
 FIELD_CAPS = {"iterations": MAX_ITERATIONS, "ddim_steps": MAX_DDIM_STEPS, "grid_steps": MAX_SAMPLE_STEPS,
               "save_every": MAX_ITERATIONS}
 
@@ -198,13 +199,16 @@ class EsdApp:
         from esd.erase import erase
         from esd.selection import trainable_names
 
-        unet = self.pipe.unet
+        unet, encoder = self.pipe.unet, self.pipe.text_encoder
         try:
-            saved = snapshot_parameters(unet, trainable_names(unet, job.cfg.method))
+            saved = [(unet, snapshot_parameters(unet, trainable_names(unet, job.cfg.method)))]
+            if job.cfg.train_text_encoder:
+                saved.append((encoder, snapshot_parameters(encoder, [n for n, _ in encoder.named_parameters()])))
             try:
                 job.result = erase(job.cfg, pipe=self.pipe, progress=False, on_step=job.on_step)
             finally:
-                restore_parameters(unet, saved)
+                for module, values in saved:
+                    restore_parameters(module, values)
         except Exception as err:  # shown in the UI; the worker must never die silently
             job.error = err
         finally:
@@ -249,7 +253,7 @@ class EsdApp:
         jobs = [(p, s) for p in prompts for s in seeds]  # the order generate_product makes them in
         with self.model_busy():
             original = generate_product(self.pipe, prompts, seeds, steps, DEFAULT_GUIDANCE)
-            with applied_weights(self.pipe.unet, run / "esd.safetensors"):
+            with applied_weights(self.pipe, run / "esd.safetensors"):
                 erased = generate_product(self.pipe, prompts, seeds, steps, DEFAULT_GUIDANCE)
         verdicts = self.verdicts(jobs, original, erased)
         captions = [f"{p} · seed {s}" for p, s in jobs]
@@ -286,7 +290,7 @@ class EsdApp:
 
         run = self.run_dir(run_name)
         base = Path(self.source)
-        with self.model_busy(), applied_weights(self.pipe.unet, run / "esd.safetensors"):
+        with self.model_busy(), applied_weights(self.pipe, run / "esd.safetensors"):
             return export_pipeline(self.pipe, run / "compvis.safetensors", base_file=base if base.is_file() else None)
 
     # ---- evaluate
@@ -311,7 +315,7 @@ class EsdApp:
         with self.model_busy():
             original = evaluate_testbed(self.pipe, out / "original", erased, seeds, steps, classifier_path=classifier,
                                         prompt_set="quick")
-            with applied_weights(self.pipe.unet, run / "esd.safetensors"):
+            with applied_weights(self.pipe, run / "esd.safetensors"):
                 after = evaluate_testbed(self.pipe, out / "erased", erased, seeds, steps, classifier_path=classifier,
                                          prompt_set="quick")
         return evaluation_rows(original, after), [(str(out / "original" / "grid.png"), "original"),

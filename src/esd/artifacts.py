@@ -18,7 +18,7 @@ from esd.grids import CELL, make_grid  # noqa: E402
 from esd.models import describe_model, grid_prompts, text_encoders_on  # noqa: E402
 from esd.networks import is_transformer, network  # noqa: E402
 from esd.selection import group_table  # noqa: E402
-from esd.weights import atomic_path  # noqa: E402
+from esd.weights import atomic_path, split_text_encoder  # noqa: E402
 
 GRID_SEEDS = (0, 1)
 
@@ -90,6 +90,24 @@ pipe.load_lora_weights(".", weight_name="esd.safetensors")  # this folder
 pipe.fuse_lora()  # optional: merge it into the weights
 image = pipe("{cfg.concepts[0]}").images[0]
 ```"""
+    if cfg.train_text_encoder:
+        return f"""`esd.safetensors` holds the trained `pipe.{part}` parameters under their diffusers names and the trained
+`pipe.text_encoder` parameters under `text_encoder.<name>`; both parts must be loaded (the erase changed both).
+Its metadata (`esd_config`) holds the whole configuration.
+
+```python
+from diffusers import DiffusionPipeline
+from safetensors.torch import load_file
+
+pipe = DiffusionPipeline.from_pretrained("{base}")
+weights = load_file("esd.safetensors")
+text = {{k.removeprefix("text_encoder."): v for k, v in weights.items() if k.startswith("text_encoder.")}}
+net = {{k: v for k, v in weights.items() if not k.startswith("text_encoder.")}}
+for module, part in ((pipe.{part}, net), (pipe.text_encoder, text)):
+    loaded = module.load_state_dict(part, strict=False)  # strict=False: the file holds only the trained tensors
+    assert not loaded.unexpected_keys, f"not tensors of this model: {{loaded.unexpected_keys[:3]}}"
+image = pipe("{cfg.concepts[0]}").images[0]
+```"""
     return f"""`esd.safetensors` holds only the trained `pipe.{part}` parameters, under their diffusers names; its metadata
 (`esd_config`) holds the whole configuration.
 
@@ -111,7 +129,9 @@ def model_card(cfg: EraseConfig, pipe, result) -> str:
     base = getattr(pipe, "esd_source", cfg.model)
     net = network(pipe)
     part = "transformer" if is_transformer(net) else "unet"  # the pipeline attribute the weights belong to
-    n_trained = sum(net.get_parameter(n).numel() for n in result.trained)
+    net_names, text_names = (list(part) for part in split_text_encoder(dict.fromkeys(result.trained)))
+    n_trained = sum(net.get_parameter(n).numel() for n in net_names)
+    n_text = sum(pipe.text_encoder.get_parameter(n).numel() for n in text_names)
     n_total = sum(p.numel() for p in net.parameters())
     final = sum(result.losses[-20:]) / max(1, len(result.losses[-20:]))
     return f"""---
@@ -129,7 +149,9 @@ Erased with [ESD](https://arxiv.org/abs/2303.07345) (Gandikota et al., ICCV 2023
 | model family | {describe_model(pipe, cfg.image_size)}; the Eq. 5 target is applied to this native output |
 | concept(s) | {", ".join(f"`{c}`" for c in cfg.concepts)} |
 | erase from | {f"`{cfg.erase_from}`" if cfg.erase_from else "—"} |
-| method | `{cfg.method}` ({f"a rank-{cfg.lora_rank} LoRA update of its layers, " if cfg.lora_rank else ""}{len(result.trained)} tensors, {n_trained:,} trained parameters; the {part} has {n_total:,}) |
+| method | `{cfg.method}` ({f"a rank-{cfg.lora_rank} LoRA update of its layers, " if cfg.lora_rank else ""}{len(net_names)} tensors, {n_trained:,} trained parameters; the {part} has {n_total:,}) |
+| text encoder | {f"trained: {len(text_names)} tensors, {n_text:,} parameters (its layers; embeddings kept)" if text_names else "frozen"} |
+| adversarial erasing | {f"`--robust`: {cfg.robust_tokens} prefix embeddings, {cfg.robust_steps} attack steps (lr {cfg.robust_lr}) every {cfg.robust_every} iteration(s)" if cfg.robust else "off"} |
 | η (negative guidance) | {cfg.eta} — {ETA_CONVENTION} |
 | start guidance s | {cfg.start_guidance} |
 | iterations | {len(result.losses)} of {cfg.iterations}{" (stopped early)" if result.stopped_early else ""} |
@@ -143,7 +165,7 @@ Erased with [ESD](https://arxiv.org/abs/2303.07345) (Gandikota et al., ICCV 2023
 
 ## What was trained
 
-{trained_groups_table(pipe, result.trained)}
+{trained_groups_table(pipe, net_names)}
 
 ![before/after](grid.png)
 

@@ -147,7 +147,6 @@ def run_erase(args: argparse.Namespace) -> int:
 def run_generate(args: argparse.Namespace) -> int:
     from esd.evaluate.generate import PromptRow, generate_rows, read_prompts
     from esd.models import load_pipeline, resolve_device
-    from esd.networks import network
     from esd.weights import apply_esd_weights
 
     if args.steps < 1 or args.num_images < 1:
@@ -155,7 +154,7 @@ def run_generate(args: argparse.Namespace) -> int:
     rows = read_prompts(args.prompts) if args.prompts else [PromptRow("0", args.prompt, args.seed)]
     pipe = load_pipeline(args.model, resolve_device(args.device))
     if args.weights:
-        apply_esd_weights(network(pipe), args.weights)
+        apply_esd_weights(pipe, args.weights)
     paths = generate_rows(pipe, rows, args.output, args.num_images, args.steps, args.guidance, args.image_size)
     print(f"{len(paths)} images in {Path(args.output)}")
     return 0

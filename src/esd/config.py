@@ -90,6 +90,20 @@ class EraseConfig:
                                  "(big models: SDXL, SD3.5, FLUX); esd.safetensors is then a LoRA file that "
                                  "diffusers' load_lora_weights reads (default: full weights, the paper)",
                                  default=None, meta={"metavar": "R"})
+    robust: bool = _opt(
+        "opt-in adversarial erasing (AdvUnlearn, Zhang et al. 2024): every --robust-every iterations a few steps of "
+        "the UnlearnDiffAtk prefix search (the code of `esd attack`) find --robust-tokens prefix embeddings that "
+        "bring the concept back on the current model, and the erase term trains on the prefixed prompt too; "
+        "pair it with --retain (SD1.x/SD2.x)", default=False)
+    robust_tokens: int = _opt("--robust: prefix embeddings the inner attack optimises", default=5)
+    robust_steps: int = _opt("--robust: inner attack steps per refresh (warm-started from the last prefix)",
+                             default=5)
+    robust_every: int = _opt("--robust: refresh the adversarial prefix every N iterations", default=1)
+    robust_lr: float = _opt("--robust: the inner attack's AdamW learning rate", default=0.01)
+    train_text_encoder: bool = _opt(
+        "also train the text encoder (its transformer layers; the token and position embeddings stay), as "
+        "AdvUnlearn does; esd.safetensors then holds the text-encoder delta under text_encoder.* and generate, "
+        "evaluate, attack, convert and the app apply it (SD1.x/SD2.x)", default=False)
     sample_from: Literal["esd", "frozen"] = _opt("which model samples x_t: esd (the one being trained, the "
                                                  "paper) or frozen (the 2025 code)", default="esd",
                                                  meta={"choices": ["esd", "frozen"]})
@@ -175,6 +189,14 @@ class EraseConfig:
             if getattr(self, name) not in choices:
                 raise EsdError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "
                                f"got {getattr(self, name)!r}")
+        for name in ("robust_tokens", "robust_steps", "robust_every"):
+            if getattr(self, name) < 1:
+                raise EsdError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not math.isfinite(self.robust_lr) or self.robust_lr <= 0:
+            raise EsdError(f"--robust-lr must be a finite number > 0, got {self.robust_lr}")
+        if self.train_text_encoder and self.lora_rank is not None:
+            raise EsdError("--train-text-encoder trains full text-encoder weights; leave out --lora-rank "
+                           "(LoRA covers the denoising network only)")
         if self.lora_rank is not None and self.lora_rank < 1:
             raise EsdError(f"--lora-rank must be >= 1, got {self.lora_rank}; leave it out to train full weights")
         if not math.isfinite(self.retain_weight) or self.retain_weight < 0:

@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from esd import __version__, resume
+from esd.attack.embeddings import slot_ids
 from esd.config import ETA_CONVENTION, EraseConfig
 from esd.distributed import (
     Dist,
@@ -57,7 +58,9 @@ from esd.models import (
 )
 from esd.networks import is_transformer, network
 from esd.params import select_parameters
+from esd.robust import Adversary, TextConds, attack_example, first_prefix, text_encoder_params
 from esd.sampling import Cond, Denoiser, ddim_scheduler, unet_denoiser
+from esd.weights import TEXT_ENCODER
 
 
 @dataclass
@@ -70,6 +73,13 @@ class EraseResult:
     compvis: Path | None = None  # the CompVis single file, with --save-compvis
     config: EraseConfig | None = None  # as run, after the model's recommended settings
     model_defaults: dict = field(default_factory=dict)  # which settings came from the model's esd.json
+
+
+def parameter_of(pipe, name: str) -> torch.nn.Parameter:
+    """A trained parameter by its weights-file name: the denoising network's, or `text_encoder.<name>`."""
+    if name.startswith(TEXT_ENCODER):
+        return pipe.text_encoder.get_parameter(name[len(TEXT_ENCODER):])
+    return network(pipe).get_parameter(name)
 
 
 def esd_metadata(cfg: EraseConfig, pipe, step: int, trained: list[str]) -> dict[str, str]:
@@ -91,7 +101,7 @@ def esd_metadata(cfg: EraseConfig, pipe, step: int, trained: list[str]) -> dict[
         "concepts": " | ".join(cfg.concepts),
         "eta_convention": ETA_CONVENTION,
         "step": str(step),
-        "trained_parameters": str(sum(net.get_parameter(n).numel() for n in trained)),
+        "trained_parameters": str(sum(parameter_of(pipe, n).numel() for n in trained)),
         "esd_version": __version__,
         "diffusers_version": diffusers.__version__,
         "torch_version": torch.__version__,
@@ -161,6 +171,7 @@ class Setup:
     size: int  # image side in pixels
     applied: dict  # settings taken from the model folder's esd.json
     guidance: float  # the sampler's CFG scale: --start-guidance, or 1 where the network takes it as an input (FLUX-dev)
+    text: TextConds | None = None  # the encoder as trained (--train-text-encoder) or prefixed (--robust)
 
     @property
     def sampler(self) -> Denoiser:
@@ -201,10 +212,16 @@ def setup(cfg: EraseConfig, pipe, explicit: set[str] | None, progress: bool) -> 
     if cfg.save_compvis and family in ("sd3", "flux"):
         raise EsdError(f"--save-compvis: no CompVis layout for {family.upper()}; leave the flag out "
                        "(esd.safetensors holds the erased weights under diffusers names)")
+    if (cfg.robust or cfg.train_text_encoder) and family not in ("sd1", "sd2"):
+        flag = "--robust" if cfg.robust else "--train-text-encoder"
+        raise EsdError(f"{flag} supports SD1.x/SD2.x pipelines (one CLIP text encoder); this one is {family}")
     params, trained, frozen = prepare_unet(cfg, network(pipe), device)
     for part in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):  # frozen helpers: weight dtype, on the device
         if getattr(pipe, part, None) is not None:
-            getattr(pipe, part).to(device, PRECISIONS[cfg.precision] if half else None)
+            trains = part == "text_encoder" and cfg.train_text_encoder  # θ stays fp32
+            getattr(pipe, part).to(device, PRECISIONS[cfg.precision] if half and not trains else None)
+    if cfg.train_text_encoder:
+        params = {**params, **text_encoder_params(pipe.text_encoder)}
     size = cfg.image_size or default_image_size(pipe)
     side = size // pipe.vae_scale_factor
     if family == "flux" and side % 2:
@@ -214,11 +231,15 @@ def setup(cfg: EraseConfig, pipe, explicit: set[str] | None, progress: bool) -> 
     if progress:  # say which adapter runs: the family decides text encoding, size ids and the output's meaning
         tqdm.write(f"base model: {describe_model(pipe, size)}")
     conds = {p: encode_prompt(pipe, p, size, guidance=cfg.start_guidance) for p in prompts_needed(cfg)}
-    if device.type != "cpu":  # every prompt is encoded: the text encoders make room for training
-        move_text_encoders(pipe, "cpu")
+    if device.type != "cpu" and not (cfg.robust or cfg.train_text_encoder):  # every prompt is encoded: the text
+        move_text_encoders(pipe, "cpu")  # encoders make room for training
     scheduler = ddim_scheduler(pipe.scheduler, cfg.ddim_steps, image_seq_len=(side // 2) ** 2)
     guidance = 1.0 if distilled else cfg.start_guidance  # FLUX-dev: the scale is in the conditioning instead
-    return Setup(cfg, pipe, device, d, params, trained, frozen, scheduler, conds, size, applied, guidance)
+    text = TextConds(pipe, cfg.train_text_encoder) if cfg.robust or cfg.train_text_encoder else None
+    if cfg.robust and not cfg.retain and progress:
+        tqdm.write("--robust without --retain: nothing holds the rest of the model while the adversary pushes the "
+                   "erase wider; pass --retain with prompts to keep (AdvUnlearn holds a set of captions)")
+    return Setup(cfg, pipe, device, d, params, trained, frozen, scheduler, conds, size, applied, guidance, text)
 
 
 def erase(cfg: EraseConfig, pipe=None, progress: bool = True,
@@ -290,10 +311,17 @@ def erase(cfg: EraseConfig, pipe=None, progress: bool = True,
 def train_step(s: Setup, state: resume.TrainState, i: int, out: Path) -> tuple[float, str]:
     """One iteration: draw the batch, the loss, one Adam step on θ. Returns (the global mean loss, a concept)."""
     cfg, d, params = s.cfg, s.dist, state.params
+    sample_conds = s.text if cfg.train_text_encoder and cfg.sample_from == "esd" else None
     with _autocast(cfg, s.device):
-        batch = [draw_example(cfg, s.conds, s.sampler, s.frozen, s.scheduler, s.latent_shape, slot, s.guidance)
-                 for slot in state.slots]
-        loss = batch_loss(cfg, s.trained, batch)
+        batch = [draw_example(cfg, s.conds, s.sampler, s.frozen, s.scheduler, s.latent_shape, slot, s.guidance,
+                              sample_conds) for slot in state.slots]
+        if cfg.robust and i % cfg.robust_every == 0:
+            for slot, example in zip(state.slots, batch, strict=True):
+                refresh_adversary(s, slot, example)
+        if cfg.robust:
+            for slot, example in zip(state.slots, batch, strict=True):
+                example.adversary = adversary_for(s, slot, example)
+        loss = batch_loss(cfg, s.trained, batch, s.text)
     shown = global_mean(loss.detach(), d.world)  # every process sees the same number, and stops together
     if not torch.isfinite(shown):
         last = resume.latest(out)
@@ -309,7 +337,25 @@ def train_step(s: Setup, state: resume.TrainState, i: int, out: Path) -> tuple[f
     state.scaler.step(state.optimizer)
     state.scaler.update()
     state.lr_schedule.step()
+    if s.text is not None:
+        s.text.clear()  # θ moved: the trained encoder's conditioning is stale
     return shown.item(), batch[0].concept
+
+
+def refresh_adversary(s: Setup, slot: Slot, example: Example) -> None:
+    """--robust: a few steps of the inner attack on this example, warm-started from the slot's last prefix."""
+    cfg = s.cfg
+    if slot.prefix is None:
+        slot.prefix = first_prefix(s.pipe.tokenizer, s.pipe.text_encoder, cfg.robust_tokens, slot.gen)
+    found, _ = attack_example(s.text, s.trained, example.text, example.x_t, example.t, example.concept_eps,
+                              slot.prefix, cfg.robust_steps, cfg.robust_lr)
+    slot.prefix = found.vectors
+
+
+def adversary_for(s: Setup, slot: Slot, example: Example) -> Adversary:
+    """The slot's current prefix before this example's prompt (between refreshes, the last one found)."""
+    ids, mask = slot_ids(s.pipe.tokenizer, "", len(slot.prefix), example.text)
+    return Adversary(ids, mask, slot.prefix)
 
 
 def finish(cfg: EraseConfig, pipe, params, result: EraseResult, before, size: int, write_outputs) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +18,7 @@ import torch
 from esd.config import EraseConfig
 from esd.loss import esd_loss, esd_target
 from esd.phrasing import anchor, phrase, retain_pool
+from esd.robust import Adversary, TextConds
 from esd.sampling import (
     Cond,
     Denoiser,
@@ -39,6 +41,10 @@ class Example:
     target: torch.Tensor  # (1, 4, h, w)
     # With --retain: (r, x_t^r, ε*(x_t^r, r, t)), a prompt to keep, its own x_t and the frozen model's prediction.
     retain: tuple[Cond, torch.Tensor, torch.Tensor] | None = None
+    text: str = ""  # the text of `prompt` (re-encoded with gradients when the text encoder is trained)
+    retain_text: str | None = None  # the text of the kept prompt
+    concept_eps: torch.Tensor | None = None  # ε*(x_t, w, t): what the --robust inner attack steers ε_θ towards
+    adversary: Adversary | None = None  # --robust: the adversarial prefix found for this example
 
 
 @dataclass
@@ -52,6 +58,7 @@ class Slot:
     kept: str | None = None  # and the retained prompt sampled beside it
     trajectory: list[torch.Tensor] = field(default_factory=list)
     uses_left: int = 0
+    prefix: torch.Tensor | None = None  # --robust: this stream's adversarial prefix embeddings, warm-started
 
     @classmethod
     def seeded(cls, seed: int) -> Slot:
@@ -61,7 +68,7 @@ class Slot:
         """Everything the slot's next draws depend on (for checkpoints: plain data and CPU tensors)."""
         return {"rng": self.rng.getstate(), "gen": self.gen.get_state(), "concept": self.concept,
                 "context": self.context, "kept": self.kept, "trajectory": [x.cpu() for x in self.trajectory],
-                "uses_left": self.uses_left}
+                "uses_left": self.uses_left, "prefix": None if self.prefix is None else self.prefix.cpu()}
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
         self.rng.setstate(state["rng"])
@@ -69,27 +76,34 @@ class Slot:
         self.concept, self.context, self.kept = state["concept"], state["context"], state["kept"]
         self.trajectory = [x.to(device) for x in state["trajectory"]]
         self.uses_left = state["uses_left"]
+        prefix = state.get("prefix")
+        self.prefix = None if prefix is None else prefix.to(device)
 
 
 @torch.no_grad()
 def draw_example(cfg: EraseConfig, conds: dict[str, Cond], sampler: Denoiser, frozen: Denoiser, scheduler,
-                 latent_shape: tuple[int, ...], slot: Slot, guidance: float | None = None) -> Example:
+                 latent_shape: tuple[int, ...], slot: Slot, guidance: float | None = None,
+                 sample_conds: Mapping[str, Cond] | None = None) -> Example:
     """Draw w (and its phrasing), k and z_T, sample x_t till step k, pick t in step k's band, build the Eq. 5
     target; with --retain, also draw a prompt to keep and its frozen prediction at the same x_t and t.
     `guidance`: the sampler's classifier-free guidance scale (default --start-guidance; 1 for a
-    guidance-distilled model, whose guidance is an input of the network instead)."""
+    guidance-distilled model, whose guidance is an input of the network instead). `conds` is the frozen model's
+    conditioning; `sample_conds` the sampler's (default the same; the trained encoder's with
+    --train-text-encoder)."""
     guidance = cfg.start_guidance if guidance is None else guidance
+    sample_conds = conds if sample_conds is None else sample_conds
     null = conds[""]
     reuse = cfg.trajectory_reuse > 1 and slot.uses_left > 0
     w = slot.concept if reuse else slot.rng.choice(cfg.concepts)
     context = slot.context if reuse else (slot.rng.choice(cfg.contexts) if cfg.contexts else "{}")
     text = phrase(context, w)
-    prompt = conds[cfg.erase_from] if cfg.erase_from else conds[text]  # conditions x_t and ε_θ
+    prompt_text = cfg.erase_from or text
+    prompt = conds[prompt_text]  # conditions x_t and ε_θ
     pool = retain_pool(cfg.retain or [], cfg.concepts)
     holds = bool(pool or retain_pool(cfg.siblings or [], cfg.concepts))  # a prompt to keep is drawn
     kept = (slot.kept if reuse else kept_prompt(cfg, pool, context, slot)) if holds else None
     # With --retain, the kept prompt's own x_t is sampled beside the concept's, from its own noise, in one batch.
-    sampled = Cond.cat(prompt, conds[kept]) if holds else prompt
+    sampled = Cond.cat(sample_conds[prompt_text], sample_conds[kept]) if holds else sample_conds[prompt_text]
     k = int(torch.randint(cfg.ddim_steps, (1,), generator=slot.gen))
     device = null.embeds.device
     if reuse:
@@ -99,12 +113,12 @@ def draw_example(cfg: EraseConfig, conds: dict[str, Cond], sampler: Denoiser, fr
         if holds:
             z_T = torch.cat([z_T, torch.randn(latent_shape, generator=slot.gen).to(device, null.embeds.dtype)])
         if cfg.trajectory_reuse > 1:  # one full run now, read by the next R iterations
-            slot.trajectory = sample_trajectory(sampler, scheduler, z_T, sampled, null, guidance,
+            slot.trajectory = sample_trajectory(sampler, scheduler, z_T, sampled, sample_conds[""], guidance,
                                                 cfg.guidance_batch)
             slot.concept, slot.context, slot.kept, slot.uses_left = w, context, kept, cfg.trajectory_reuse
             x = slot.trajectory[k]
         else:
-            x = sample_until(sampler, scheduler, z_T, sampled, null, guidance, k, cfg.guidance_batch)
+            x = sample_until(sampler, scheduler, z_T, sampled, sample_conds[""], guidance, k, cfg.guidance_batch)
     slot.uses_left -= 1
     x_t, x_kept = x[:1], x[1:]
     t = torch.tensor([step_timestep(k, scheduler, slot.gen)], device=device)
@@ -119,7 +133,7 @@ def draw_example(cfg: EraseConfig, conds: dict[str, Cond], sampler: Denoiser, fr
     eps = dict(zip(named, predict_pairs(frozen, xs, t, list(named.values()), cfg.guidance_batch), strict=True))
     target = esd_target(eps["start"], eps["concept"], cfg.eta, eps.get("context"))
     retain = (named["retain"], x_kept, eps["retain"]) if holds else None
-    return Example(w, k, x_t, t, prompt, target, retain)
+    return Example(w, k, x_t, t, prompt, target, retain, prompt_text, kept, eps["concept"])
 
 
 def kept_prompt(cfg: EraseConfig, pool: list[str], context: str, slot: Slot) -> str:
@@ -135,16 +149,23 @@ def kept_prompt(cfg: EraseConfig, pool: list[str], context: str, slot: Slot) -> 
     return slot.rng.choice(pool)
 
 
-def batch_loss(cfg: EraseConfig, trained: Denoiser, batch: list[Example]) -> torch.Tensor:
-    """The Eq. 5 loss over the batch, plus --retain-weight × the retain term, from one forward of ε_θ."""
-    kept = [ex.retain for ex in batch if ex.retain is not None]
-    prompt = functools.reduce(Cond.cat, [ex.prompt for ex in batch] + [r for r, _, _ in kept])
-    x_t = torch.cat([ex.x_t for ex in batch] + [x for _, x, _ in kept])
-    t = torch.cat([ex.t for ex in batch] + [ex.t for ex in batch if ex.retain is not None])
-    out = trained(x_t, t, prompt)
-    loss = esd_loss(out[:len(batch)], torch.cat([ex.target for ex in batch]))
-    if kept:  # ‖ε_θ(x_t^r, r, t) − ε*(x_t^r, r, t)‖²: what the erase must not move
-        loss = loss + cfg.retain_weight * esd_loss(out[len(batch):], torch.cat([e for _, _, e in kept]))
+def batch_loss(cfg: EraseConfig, trained: Denoiser, batch: list[Example], text: TextConds | None = None) -> torch.Tensor:
+    """The Eq. 5 loss over the batch (and, with --robust, over its adversarially prefixed prompts: same x_t, t and
+    target), plus --retain-weight × the retain term, from one forward of ε_θ. `text`: the encoder being trained
+    (--train-text-encoder: every prompt is re-encoded with gradients) or used for the prefixed prompts."""
+    def own(cond: Cond, words: str | None) -> Cond:
+        return text.grad(words) if text is not None and text.trains else cond
+
+    erase = list(batch) + [ex for ex in batch if ex.adversary is not None]
+    conds = [own(ex.prompt, ex.text) for ex in batch] + [text.prefixed(ex.adversary) for ex in erase[len(batch):]]
+    held = [ex for ex in batch if ex.retain is not None]
+    conds += [own(ex.retain[0], ex.retain_text) for ex in held]
+    x_t = torch.cat([ex.x_t for ex in erase] + [ex.retain[1] for ex in held])
+    t = torch.cat([ex.t for ex in erase] + [ex.t for ex in held])
+    out = trained(x_t, t, functools.reduce(Cond.cat, conds))
+    loss = esd_loss(out[:len(erase)], torch.cat([ex.target for ex in erase]))
+    if held:  # ‖ε_θ(x_t^r, r, t) − ε*(x_t^r, r, t)‖²: what the erase must not move
+        loss = loss + cfg.retain_weight * esd_loss(out[len(erase):], torch.cat([ex.retain[2] for ex in held]))
     return loss
 
 

@@ -1,7 +1,9 @@
 """ESD weight files and atomic writes.
 
-An ESD weights file (`esd.safetensors`) holds only the trained UNet parameters, under their diffusers
-names, with the run's config in the safetensors metadata. Applying one checks every name, dtype, shape
+An ESD weights file (`esd.safetensors`) holds only the trained parameters of the denoising network (UNet, or
+SD3/FLUX transformer) under their diffusers names, and with `--train-text-encoder` the trained text-encoder
+parameters under `text_encoder.<name>` (the pipeline's attribute, as diffusers names a pipeline's parts), with
+the run's config in the safetensors metadata. Applying one checks every name, dtype, shape
 and value (finite) first, so a file made for another base model, or a damaged one, is an error, never a
 partial load.
 
@@ -88,15 +90,15 @@ def load_esd_weights(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str
 
 
 def _check_fits(unet: torch.nn.Module, tensors: dict[str, Tensor], path: str | Path) -> dict[str, torch.nn.Parameter]:
-    """The UNet's parameters, after checking that every tensor names one of them with its shape."""
-    own = dict(unet.named_parameters())
+    """The module's parameters, after checking that every tensor names one of them with its shape."""
+    own, kind = dict(unet.named_parameters()), type(unet).__name__
     unknown = [k for k in tensors if k not in own]
     if unknown:
-        raise EsdError(f"--weights {path}: {len(unknown)} tensors are not parameters of this UNet, e.g. "
+        raise EsdError(f"--weights {path}: {len(unknown)} tensors are not parameters of this {kind}, e.g. "
                        f"{unknown[:3]}; was it made for another base model?")
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in tensors.items() if v.shape != own[k].shape]
     if wrong:
-        raise EsdError(f"--weights {path}: shapes differ from this UNet's: {wrong[:3]}")
+        raise EsdError(f"--weights {path}: shapes differ from this {kind}'s: {wrong[:3]}")
     return own
 
 
@@ -117,11 +119,59 @@ def full_tensors(unet: torch.nn.Module, tensors: dict[str, Tensor], metadata: di
     return merged_weights(unet, tensors, scale, path)
 
 
-def apply_esd_weights(unet: torch.nn.Module, path: str | Path) -> dict[str, str]:
-    """Load an ESD weights file into `unet` in place, after checking every name, dtype and shape."""
+TEXT_ENCODER = "text_encoder."  # the prefix of text-encoder tensors in a weights file (--train-text-encoder)
+
+
+def split_text_encoder(tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(the denoising network's tensors, the text encoder's under their own names). No diffusers UNet or
+    transformer parameter name starts with `text_encoder.`, so the prefix is unambiguous."""
+    net = {k: v for k, v in tensors.items() if not k.startswith(TEXT_ENCODER)}
+    text = {k[len(TEXT_ENCODER):]: v for k, v in tensors.items() if k.startswith(TEXT_ENCODER)}
+    return net, text
+
+
+def has_text_encoder_delta(path: str | Path) -> bool:
+    """Whether a weights file holds text-encoder tensors (an erase with --train-text-encoder)."""
+    tensors, _ = load_esd_weights(path)
+    return any(k.startswith(TEXT_ENCODER) for k in tensors)
+
+
+def _targets(pipe, tensors: dict[str, Tensor], metadata: dict[str, str], path) -> list[tuple[torch.nn.Module, dict]]:
+    """[(module, the tensors it takes)] for a pipeline: its denoising network, and its text encoder when the
+    file holds a text-encoder delta; every name, dtype and shape checked before anything is written."""
+    from esd.networks import network
+
+    net_tensors, text_tensors = split_text_encoder(tensors)
+    net = network(pipe)
+    pairs = [(net, full_tensors(net, net_tensors, metadata, path))]
+    if text_tensors:
+        encoder = getattr(pipe, "text_encoder", None)
+        if encoder is None:
+            raise EsdError(f"--weights {path}: holds a text-encoder delta, but this pipeline has no text_encoder")
+        pairs.append((encoder, text_tensors))
+    for module, part in pairs:
+        _check_fits(module, part, path)
+    return pairs
+
+
+def apply_esd_weights(target, path: str | Path) -> dict[str, str]:
+    """Load an ESD weights file in place, after checking every name, dtype and shape.
+
+    `target` is a pipeline (its denoising network, and its text encoder when the file holds a
+    `--train-text-encoder` delta) or a bare UNet/transformer (a file with a text-encoder delta is then an error:
+    applying half of an erase would draw the concept again).
+    """
     tensors, metadata = load_esd_weights(path)
-    tensors = full_tensors(unet, tensors, metadata, path)
-    _copy_into(_check_fits(unet, tensors, path), tensors)
+    if isinstance(target, torch.nn.Module):
+        net_tensors, text_tensors = split_text_encoder(tensors)
+        if text_tensors:
+            raise EsdError(f"--weights {path}: holds a text-encoder delta as well; apply it to the whole pipeline")
+        pairs = [(target, full_tensors(target, net_tensors, metadata, path))]
+        _check_fits(target, pairs[0][1], path)
+    else:
+        pairs = _targets(target, tensors, metadata, path)
+    for module, part in pairs:
+        _copy_into(dict(module.named_parameters()), part)
     return metadata
 
 
@@ -140,14 +190,16 @@ def restore_parameters(unet: torch.nn.Module, saved: dict[str, Tensor]) -> None:
 
 
 @contextlib.contextmanager
-def applied_weights(unet: torch.nn.Module, path: str | Path) -> Iterator[dict[str, str]]:
-    """The UNet with an ESD weights file applied inside the block, and its own values again after it."""
+def applied_weights(pipe, path: str | Path) -> Iterator[dict[str, str]]:
+    """The pipeline with an ESD weights file applied inside the block (its denoising network, and its text
+    encoder for a file with a text-encoder delta), and its own values again after it."""
     tensors, metadata = load_esd_weights(path)  # the file is read once and checked before anything changes
-    tensors = full_tensors(unet, tensors, metadata, path)
-    own = _check_fits(unet, tensors, path)
-    saved = snapshot_parameters(unet, list(tensors))
+    pairs = _targets(pipe, tensors, metadata, path)
+    saved = [(module, snapshot_parameters(module, list(part))) for module, part in pairs]
     try:
-        _copy_into(own, tensors)
+        for module, part in pairs:
+            _copy_into(dict(module.named_parameters()), part)
         yield metadata
     finally:
-        restore_parameters(unet, saved)
+        for module, values in saved:
+            restore_parameters(module, values)

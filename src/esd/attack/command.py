@@ -228,7 +228,7 @@ def run_attack(args: argparse.Namespace) -> int:
     for i, row in enumerate(tqdm(rows, desc="targets (original model)")):
         make_images(pipe, row.prompt, seeds_of(row, args.num_images), image_paths(out, "target", i, args.num_images),
                     args, row.guidance)
-    apply_esd_weights(pipe.unet, args.weights)
+    apply_esd_weights(pipe, args.weights)
     if args.attack == "unlearndiff":
         records = attack_unlearndiff(pipe, judge, rows, out, args)
         extra = {}

@@ -18,6 +18,7 @@ prompt that is judged as text: generated from with the erased model and shown to
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -54,6 +55,33 @@ class PrefixResult:
     seconds: float = 0.0
 
 
+def search_prefix(text_encoder, ids: Tensor, mask: Tensor, init: Tensor, loss_of: Callable[[Tensor], Tensor],
+                  steps: int, lr: float, straight_through: Vocabulary | None = None, weight_decay: float = 0.1,
+                  progress: bool = False) -> tuple[Tensor, list[float]]:
+    """The optimisation at the heart of UnlearnDiffAtk, shared by `esd attack` and `esd erase --robust`.
+
+    Minimise `loss_of(conditioning)` over the prefix vectors (n, D) written at the `mask` slots of `ids`,
+    starting from `init`, with AdamW. With `straight_through` each forward runs on the vectors' nearest tokens
+    of that vocabulary while the gradient updates the continuous vectors; without it the vectors are free.
+    Only the vectors get gradients (`torch.autograd.grad`), so a model being trained around this search (the
+    robust erase) keeps its own `.grad` untouched. Returns the continuous vectors and the loss of every step.
+    """
+    vectors = init.detach().clone().float().requires_grad_(True)
+    optimiser = torch.optim.AdamW([vectors], lr=lr, weight_decay=weight_decay)
+    weight = token_embedding(text_encoder).weight
+    losses = []
+    for _ in tqdm(range(steps), desc="attack steps", disable=not progress, leave=False):
+        used = vectors
+        if straight_through is not None:
+            hard = weight[straight_through.nearest(vectors).to(weight.device)].detach().float()
+            used = vectors + (hard - vectors).detach()  # forward on the tokens, gradient to the embeddings
+        loss = loss_of(encode(text_encoder, ids, mask, used))
+        (vectors.grad,) = torch.autograd.grad(loss, [vectors])
+        optimiser.step()
+        losses.append(float(loss.detach()))
+    return vectors.detach(), losses
+
+
 def attacked_prompt(prefix: str, prompt: str) -> str:
     """The found prompt: the prefix's text before the prompt's."""
     return f"{prefix} {prompt}".strip()
@@ -78,36 +106,27 @@ def optimise_prefix(pipe, prompt: str, latents: Tensor, n_tokens: int = 5, steps
     weight = token_embedding(text_encoder).weight
     generator = torch.Generator().manual_seed(seed)
     first = vocabulary.ids[torch.randint(len(vocabulary.ids), (n_tokens,), generator=generator)]
-    vectors = weight[first.to(weight.device)].detach().clone().float().requires_grad_(True)
+    start_vectors = weight[first.to(weight.device)].detach().float()
     ids, mask = slot_ids(tokenizer, "", n_tokens, prompt)
     plain_ids, _ = slot_ids(tokenizer, "", 0, prompt)
     T = timesteps or (0, int(scheduler.config.num_train_timesteps))
     fixed = FixedDraws.of(latents, seed + 1, T)
-    optimiser = torch.optim.AdamW([vectors], lr=lr, weight_decay=weight_decay)
 
-    def projected(v: Tensor) -> tuple[Tensor, Tensor]:
-        chosen = vocabulary.nearest(v)
-        return chosen, weight[chosen.to(weight.device)].detach().float()
+    def loss_of(embeds: Tensor) -> Tensor:  # the erased model's denoising loss on the concept's images
+        batch = latents.repeat(draws, 1, 1, 1)
+        t, noise = draw_noise(batch, generator, T)
+        return denoising_loss(unet, scheduler, batch, embeds, t, noise)
 
     result = PrefixResult([], [], "")
     with frozen(text_encoder, unet):
         with torch.no_grad():
             result.loss_plain = fixed.loss(unet, scheduler, encode(text_encoder, plain_ids))
-            result.loss_start = fixed.loss(unet, scheduler, encode(text_encoder, ids, mask, vectors))
-        for _ in tqdm(range(steps), desc="attack steps", disable=not progress, leave=False):
-            if projection == "every-step":
-                _, hard = projected(vectors)
-                used = vectors + (hard - vectors).detach()  # forward on the tokens, gradient to the embeddings
-            else:
-                used = vectors
-            batch = latents.repeat(draws, 1, 1, 1)
-            t, noise = draw_noise(batch, generator, T)
-            loss = denoising_loss(unet, scheduler, batch, encode(text_encoder, ids, mask, used), t, noise)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            result.losses.append(float(loss.detach()))
-        chosen, hard = projected(vectors)
+            result.loss_start = fixed.loss(unet, scheduler, encode(text_encoder, ids, mask, start_vectors))
+        through = vocabulary if projection == "every-step" else None
+        vectors, result.losses = search_prefix(text_encoder, ids, mask, start_vectors, loss_of, steps, lr, through,
+                                               weight_decay, progress)
+        chosen = vocabulary.nearest(vectors)
+        hard = weight[chosen.to(weight.device)].detach().float()
         with torch.no_grad():
             result.loss_embedding = fixed.loss(unet, scheduler, encode(text_encoder, ids, mask, vectors))
             result.loss_found = fixed.loss(unet, scheduler, encode(text_encoder, ids, mask, hard))

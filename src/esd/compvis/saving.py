@@ -30,7 +30,7 @@ from esd.compvis.reading import (
 )
 from esd.errors import EsdError
 from esd.networks import is_transformer, network
-from esd.weights import apply_esd_weights, atomic_path
+from esd.weights import apply_esd_weights, atomic_path, has_text_encoder_delta
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,10 @@ TO_CHOICES = ("compvis", "diffusers", "diffusers-unet")
 # ------------------------------------------------------------------------------------ saving
 
 
-def _merge_into_base(state_dict: dict[str, Tensor], base: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The base file's tensors with its UNet (and EMA twin, if any) replaced by `state_dict`'s UNet."""
+def _merge_into_base(state_dict: dict[str, Tensor], base: dict[str, Tensor],
+                     text_encoder: bool = False) -> dict[str, Tensor]:
+    """The base file's tensors with its UNet (and EMA twin, if any) replaced by `state_dict`'s UNet; with
+    `text_encoder` (an erase that trained it) also every text-encoder tensor both files hold."""
     unet = {k: v for k, v in state_dict.items() if k.startswith(UNET_PREFIX)}
     base_unet = [k for k in base if k.startswith(UNET_PREFIX)]
     extra = [k for k in unet if k not in base]
@@ -58,20 +60,26 @@ def _merge_into_base(state_dict: dict[str, Tensor], base: dict[str, Tensor]) -> 
         out[key] = value
         if ema_key(key) in base:  # else tools reading the EMA copy would get the old, un-erased UNet
             out[ema_key(key)] = value
+    if text_encoder:  # both, not all: an SD2 base keeps the OpenCLIP layer diffusers drops (unused by SD)
+        prefixes = tuple(p for parts in TEXT_PREFIXES.values() for p in parts.values())
+        text = {k: v for k, v in state_dict.items() if k.startswith(prefixes) and k in base}
+        if not text:
+            raise EsdError("the text encoder does not fit the base checkpoint: no text-encoder tensor in common")
+        out.update({k: v.to(base[k].dtype) for k, v in text.items()})
     return out
 
 
 def save_compvis(state_dict: dict[str, Tensor], path: str | Path, base: dict[str, Tensor] | None = None,
-                 metadata: dict[str, str] | None = None) -> Path:
+                 metadata: dict[str, str] | None = None, text_encoder: bool = False) -> Path:
     """Write a CompVis file atomically: `.ckpt`/`.pt` as a pickled {'state_dict': ...}, else safetensors.
 
     With `base` (the original checkpoint's tensors) the output holds every tensor of the original,
-    its UNet replaced by the one in `state_dict`.
+    its UNet replaced by the one in `state_dict` (and its text encoder too with `text_encoder`).
     """
     from safetensors.torch import save_file
 
     path = Path(path)
-    tensors = _merge_into_base(state_dict, base) if base is not None else state_dict
+    tensors = _merge_into_base(state_dict, base, text_encoder) if base is not None else state_dict
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         if path.suffix in PICKLE_SUFFIXES:
@@ -113,8 +121,9 @@ def warn_if_sd2_incomplete(state_dict: dict[str, Tensor], path: str | Path) -> b
 
 
 def write_pipeline(pipe, dst: str | Path, base: dict[str, Tensor] | None = None,
-                   dtype: torch.dtype | None = None) -> Path:
-    """Write `pipe` as one CompVis file; with `base` (the original's tensors) all but its UNet come from it.
+                   dtype: torch.dtype | None = None, text_encoder: bool = False) -> Path:
+    """Write `pipe` as one CompVis file; with `base` (the original's tensors) all but its UNet (and with
+    `text_encoder`, its text encoder) come from it.
 
     `dtype` casts every floating tensor of the pipeline (the base's own dtypes win where it has them).
     """
@@ -123,11 +132,11 @@ def write_pipeline(pipe, dst: str | Path, base: dict[str, Tensor] | None = None,
         state = {k: v.to("cpu", dtype) if v.is_floating_point() else v for k, v in state.items()}
     if base is None:
         warn_if_sd2_incomplete(state, dst)
-    return save_compvis(state, dst, base=base)
+    return save_compvis(state, dst, base=base, text_encoder=text_encoder)
 
 
 def export_pipeline(pipe, dst: str | Path, base_file: str | Path | None = None,
-                    dtype: torch.dtype | None = None) -> Path:
+                    dtype: torch.dtype | None = None, text_encoder: bool = False) -> Path:
     """Write `pipe` as one CompVis file; a CompVis `base_file` contributes every tensor but the UNet.
 
     `dtype` casts every floating tensor (a model trained with half-precision frozen weights is written in
@@ -136,7 +145,7 @@ def export_pipeline(pipe, dst: str | Path, base_file: str | Path | None = None,
     base = None
     if base_file is not None and Path(base_file).is_file():
         base = read_checkpoint(base_file)
-    return write_pipeline(pipe, dst, base, dtype)
+    return write_pipeline(pipe, dst, base, dtype, text_encoder)
 
 
 # ---------------------------------------------------------------------------------- convert
@@ -199,10 +208,14 @@ def convert(src: str | Path, dst: str | Path, weights: str | Path | None = None,
     if target == "compvis" and is_transformer(net):
         raise EsdError(f"--to compvis: {src} is a {type(pipe).__name__}, which has no CompVis (LDM) layout; "
                        "convert it to a diffusers folder (--to diffusers) instead")
+    text_encoder = weights is not None and has_text_encoder_delta(weights)
+    if text_encoder and target == "diffusers-unet":
+        raise EsdError(f"--weights {weights} also changes the text encoder, which a UNet folder cannot hold; "
+                       "convert to a pipeline (--to diffusers) or a CompVis file instead")
     if weights is not None:
-        apply_esd_weights(net, weights)  # a LoRA file is merged into the weights
+        apply_esd_weights(pipe, weights)  # a LoRA file is merged into the weights
     if target == "compvis":
-        write_pipeline(pipe, dst, base)
+        write_pipeline(pipe, dst, base, text_encoder=text_encoder)
     elif target == "diffusers":
         _save_folder(pipe, dst)
     else:

@@ -29,7 +29,6 @@ from esd.evaluate.report import Report, Table, image_grid, save_image, side_by_s
 from esd.grids import beside
 from esd.helpformat import DefaultsOnceFormatter
 from esd.models import TESTBED, load_pipeline, resolve_device
-from esd.networks import network
 from esd.weights import apply_esd_weights, atomic_path
 
 GRID_ROWS, GRID_COLS = 8, 4  # the report shows the first prompts and seeds only
@@ -144,7 +143,7 @@ def _ensure_images(side: S.Side, rows: list[PromptRow], args: argparse.Namespace
     print(f"generating {len(missing)} images with the {side.name} model ({side.model or 'testbed'})", file=sys.stderr)
     pipe = load_pipeline(side.model, device)
     if side.weights:
-        apply_esd_weights(network(pipe), side.weights)
+        apply_esd_weights(pipe, side.weights)
     if not identity.get("model_sha256"):
         identity["model_sha256"] = model_hashes(side.model or str(TESTBED))
     write_manifest(side.folder, identity, list(merged.values()))
@@ -228,7 +227,7 @@ def run_testbed(args: argparse.Namespace, out: Path, device: torch.device) -> in
     for name, model, weights in plans:
         pipe = load_pipeline(model, device)
         if weights:
-            apply_esd_weights(network(pipe), weights)
+            apply_esd_weights(pipe, weights)
         side = S.Side(name, model, weights, out / "testbed" / name, [], _identity(model, weights, args))
         side.manifest = {"generation": {"model_sha256": model_hashes(model or str(TESTBED))}}
         results[name] = evaluate_testbed(pipe, side.folder, erased, seeds_per_prompt=args.num_images,

@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
 
     pipe = load_pipeline(args.model, resolve_device(args.device))
     if args.weights is not None:
-        apply_esd_weights(pipe.unet, args.weights)
+        apply_esd_weights(pipe, args.weights)
     m = evaluate_testbed(
         pipe,
         args.output,

@@ -1,0 +1,113 @@
+"""Adversarial erasing (`esd erase --robust`) and a trained text encoder (`--train-text-encoder`).
+
+AdvUnlearn (Zhang et al. 2024, "Defensive Unlearning with Adversarial Training for Robust Concept Erasure in
+Diffusion Models") wraps the erase in a min-max problem,
+
+    min_θ  ℓ_ESD(θ, c) + ℓ_ESD(θ, [δ*, c]) + γ ℓ_retain(θ),    δ* = argmin_δ ‖ε_θ(x_t, [δ, c], t) − ε*(x_t, c, t)‖²,
+
+where ℓ_ESD is the Eq. 5 loss and δ are k prefix embeddings. The inner problem is an attack on the model being
+trained: a prefix under which the erased model predicts, at the example's own x_t, what the original model
+predicts for the concept, i.e. under which the concept is back. It is solved approximately by a few steps of the
+UnlearnDiffAtk search (`esd.attack.unlearndiff.search_prefix`, the code `esd attack` runs), warm-started from the
+previous prefix of the same example stream, so the adversary keeps up with θ instead of starting over. The
+embeddings are free (not projected to tokens): a continuous prefix is a stronger adversary than any typed one,
+and the textual-inversion attack is a continuous embedding too. γ ℓ_retain is `--retain`/`--retain-weight`.
+
+`--train-text-encoder` adds the text encoder's transformer layers to θ, as AdvUnlearn trains them. Then the
+frozen model's conditioning is still the original encoder's (encoded once, before training), while the model
+being trained samples x_t and predicts with its own, re-encoded every iteration (`TextConds`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from esd.attack.embeddings import Vocabulary, encode, slot_ids, token_embedding
+from esd.attack.unlearndiff import search_prefix
+from esd.sampling import Cond, Denoiser
+from esd.weights import TEXT_ENCODER
+
+
+def text_encoder_params(text_encoder: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """θ's text-encoder part, named as in a weights file (`text_encoder.<name>`): every parameter but the token
+    and position embeddings, which stay the original's (the attacks' vocabulary, and a delta of the layers only).
+    The rest of the encoder is frozen."""
+    params = {}
+    for name, p in text_encoder.named_parameters():
+        p.requires_grad_(".embeddings." not in f".{name}")
+        if p.requires_grad:
+            params[TEXT_ENCODER + name] = p
+    return params
+
+
+def prompt_ids(tokenizer, text: str) -> Tensor:
+    """Token ids (1, 77) of a prompt, padded and truncated as an SD pipeline does."""
+    return tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+class TextConds(Mapping[str, Cond]):
+    """Text conditioning by the pipeline's text encoder as it is now (SD1.x/SD2.x: its last hidden state, what
+    `pipe.encode_prompt` gives the UNet). Reading a prompt encodes it without gradients and keeps it until
+    `clear()` (the trainer clears after every step that changes the encoder); `grad` encodes with them."""
+
+    def __init__(self, pipe, trains: bool):
+        self.tokenizer, self.encoder, self.trains = pipe.tokenizer, pipe.text_encoder, trains
+        self._cache: dict[str, Cond] = {}
+
+    def __getitem__(self, text: str) -> Cond:
+        if text not in self._cache:
+            with torch.no_grad():
+                self._cache[text] = self.grad(text)
+        return self._cache[text]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._cache)
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+    def grad(self, text: str) -> Cond:
+        return Cond(encode(self.encoder, prompt_ids(self.tokenizer, text)))
+
+    def prefixed(self, adversary: Adversary) -> Cond:
+        """The conditioning of the adversarial prompt: the prefix embeddings before the prompt's words."""
+        return Cond(encode(self.encoder, adversary.ids, adversary.mask, adversary.vectors))
+
+
+@dataclass
+class Adversary:
+    """A prompt with adversarial prefix embeddings: its ids with slots, the slots' mask, the vectors (k, D)."""
+
+    ids: Tensor
+    mask: Tensor
+    vectors: Tensor
+
+
+def first_prefix(tokenizer, text_encoder, n_tokens: int, generator: torch.Generator) -> Tensor:
+    """The starting prefix: the embeddings of `n_tokens` random vocabulary tokens (as UnlearnDiffAtk starts)."""
+    vocabulary = Vocabulary.of(tokenizer, text_encoder)
+    ids = vocabulary.ids[torch.randint(len(vocabulary.ids), (n_tokens,), generator=generator)]
+    weight = token_embedding(text_encoder).weight
+    return weight[ids.to(weight.device)].detach().float()
+
+
+def attack_example(text: TextConds, trained: Denoiser, prompt: str, x_t: Tensor, t: Tensor, concept_eps: Tensor,
+                   start: Tensor, steps: int, lr: float) -> tuple[Adversary, list[float]]:
+    """The inner attack: `steps` of the prefix search from `start` so that the model being trained, prompted with
+    the prefix and `prompt`, predicts `concept_eps` (the frozen model's prediction for the concept) at x_t."""
+    ids, mask = slot_ids(text.tokenizer, "", len(start), prompt)
+
+    def loss_of(embeds: Tensor) -> Tensor:
+        return F.mse_loss(trained(x_t, t, Cond(embeds)).float(), concept_eps.float())
+
+    vectors, losses = search_prefix(text.encoder, ids, mask, start, loss_of, steps, lr)
+    return Adversary(ids, mask, vectors), losses
