@@ -1,7 +1,7 @@
 """Does an erased concept come back? Erase on several seeds, attack each erased model, tabulate the ASR.
 
     python benchmarks/attack_robustness.py --concept circle --erase-seeds 0,1,2 --output outputs/bench-attack \
-        [--attacks unlearndiff,textual-inversion] [--erase-flags "--robust"] [--attack-flags "--prompts 12"]
+        [--attacks unlearndiff,textual-inversion] [--erase-flags="--robust"] [--attack-flags="--prompts 12"]
 
 For each erase seed: `esd erase --concept C --seed S` (flags not given take the testbed's recommendation, as the
 command does; --erase-flags adds to them, e.g. "--robust"), then `esd attack` with each attack against the
@@ -69,7 +69,7 @@ def main() -> None:
     p.add_argument("--concept", required=True)
     p.add_argument("--erase-seeds", default="0,1,2")
     p.add_argument("--attacks", default="unlearndiff,textual-inversion")
-    p.add_argument("--erase-flags", default="", help="extra `esd erase` flags, one string (e.g. \"--robust\")")
+    p.add_argument("--erase-flags", default="", help="extra `esd erase` flags, one string: --erase-flags=\"--robust\"")
     p.add_argument("--attack-flags", default="", help="extra `esd attack` flags, one string")
     p.add_argument("--output", required=True, help="folder of every erase and attack run, and table.md")
     args = p.parse_args()

@@ -1,6 +1,7 @@
 """The app's handlers on the shipped testbed, without a browser (tests/test_app_browser.py drives the page)."""
 
 import dataclasses
+import json
 import os
 
 import pytest
@@ -210,6 +211,26 @@ def test_evaluate_tab_runs_the_testbed_suite(app, finished_run):
     assert all(os.path.isfile(p) for p, _ in grids)
 
 
+def test_attack_tab_attacks_the_run_and_reports_both_rates(app, finished_run):
+    job, _ = finished_run
+    before = {n: p.detach().clone() for n, p in app.pipe.unet.named_parameters()}
+    rows, images = app.attack(job.run_name, "unlearndiff", prompts=1, steps=2, num_images=1)
+    metrics = dict(rows)
+    assert {"asr_before", "asr_after", "asr_without_concept"} <= set(metrics)
+    assert all(0 <= metrics[k] <= 1 for k in ("asr_before", "asr_after"))
+    found = [what for what in metrics if "→" in what]
+    prompt, attacked = found[0].split(" → ")  # the prompt, then the prompt the attack found: a prefix before it
+    assert len(found) == 1 and "circle" in prompt and attacked.endswith(prompt) and attacked != prompt
+    assert all(os.path.isfile(p) for p, _ in images)
+    saved = json.loads((app.output_dir / job.run_name / "app-attack-unlearndiff" / "metrics.json").read_text())
+    assert saved["n_prompts"] == 1 and saved["budget"]["steps"] == 2
+    assert all(torch.equal(p, before[n]) for n, p in app.pipe.unet.named_parameters())  # the shared model is untouched
+    for bad, words in (({"attack": "pgd"}, "unknown"), ({"prompts": 0}, "prompts must be"),
+                       ({"steps": S.MAX_ATTACK_STEPS + 1}, "steps")):
+        with pytest.raises(EsdError, match=words):
+            app.attack(job.run_name, **{"attack": "unlearndiff", "prompts": 1, **bad})
+
+
 def _handlers(demo) -> dict[tuple[str, str], object]:
     """{(elem_id of the component, event): the page's handler for it}, for the components that have an elem_id."""
     blocks = demo.blocks
@@ -239,7 +260,8 @@ def test_page_sends_the_form_as_erase_config_fields_and_runs_one_model_task_at_a
     for name, block in zip(names, start.inputs, strict=True):
         assert block.value == (defaults[name] if defaults[name] is not None else ""), name
     # Everything that uses the model shares one queue slot; Stop bypasses the queue so it reaches a running erase.
-    model_tasks = [("erase-start", "click"), ("compare-button", "click"), ("evaluate-button", "click")]
+    model_tasks = [("erase-start", "click"), ("compare-button", "click"), ("evaluate-button", "click"),
+                   ("attack-button", "click")]
     assert all(handlers[key].concurrency_id == "model" and handlers[key].concurrency_limit == 1 for key in model_tasks)
     export = [fn for fn in demo.fns.values() if fn.name == "wrapped" and fn.concurrency_id == "model"
               and [type(b).__name__ for b in fn.outputs] == ["Markdown", "File"]]

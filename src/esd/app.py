@@ -22,6 +22,8 @@ from esd.app_state import (
     ADVANCED_FIELDS,
     FIELD_CAPS,
     FORM_FIELDS,
+    MAX_ATTACK_PROMPTS,
+    MAX_ATTACK_STEPS,
     MAX_EVAL_SEEDS,
     MAX_EVAL_STEPS,
     MAX_IMAGES_PER_PROMPT,
@@ -103,6 +105,7 @@ def build_ui(app: EsdApp):
             compare_tab(gr, app, run)
             save_tab(gr, app, run)
             evaluate_tab(gr, app, run)
+            attack_tab(gr, app, run)
     return demo
 
 
@@ -242,6 +245,33 @@ def evaluate_tab(gr, app: EsdApp, run) -> None:
         grids = gr.Gallery(label="images (rows: prompts, columns: seeds)", columns=2, height="auto")
     button.click(_shown(app.evaluate), [run, seeds, steps], [table, grids], concurrency_limit=1, concurrency_id="model",
                  api_name="evaluate")
+
+
+def attack_tab(gr, app: EsdApp, run) -> None:
+    """`esd attack` on the current erased model: does the concept come back under an adversarial prompt?"""
+    from esd.attack.command import ATTACKS
+
+    with gr.Tab("Attack", id="attack"):
+        if not app.is_testbed:
+            gr.Markdown("The attack tab judges with the testbed classifier. For real models use `esd attack` "
+                        "(`--suite nudity`, `imagenette` or `artists`).")
+            return
+        gr.Markdown("Attack the current run's erased model: **unlearndiff** searches prefix tokens that bring the "
+                    "concept back (UnlearnDiffAtk), **textual-inversion** learns a new word for it. `asr_before`: "
+                    "share of the erased model's images of the plain prompts that show the concept; `asr_after`: "
+                    "of the attacked prompts (lower is better); `asr_without_concept`: the prompts with the word "
+                    "taken out, the rate an attack reaches by drowning the word.")
+        with gr.Row():
+            attack = gr.Dropdown(list(ATTACKS), value=ATTACKS[0], label="attack", elem_id="attack-kind")
+            prompts = gr.Slider(1, MAX_ATTACK_PROMPTS, value=2, step=1, label="prompts")
+            steps = gr.Number(value=None, precision=0, minimum=1, maximum=MAX_ATTACK_STEPS,
+                              label="optimisation steps (empty: the attack's default)")
+            images = gr.Slider(1, MAX_IMAGES_PER_PROMPT, value=2, step=1, label="images per prompt")
+        button = gr.Button("Attack the current run", variant="primary", elem_id="attack-button")
+        table = gr.Dataframe(headers=["what", "value"], elem_id="attack-table")
+        grids = gr.Gallery(label="rows: prompts", columns=1, height="auto")
+    button.click(_shown(app.attack), [run, attack, prompts, steps, images], [table, grids], concurrency_limit=1,
+                 concurrency_id="model", api_name="attack")
 
 
 # ----------------------------------------------------------------------------- command line
