@@ -22,9 +22,11 @@ import time
 from pathlib import Path
 
 from esd.cli import add_config_arguments, config_from_args, explicit_fields
+from esd.config import EraseConfig
 from esd.models import TESTBED, load_pipeline
 from esd.testbed.evaluate import CONCEPTS, evaluate_testbed, summarise
 from esd.testbed.render import SOLID, kind_of
+from esd.weights import apply_esd_weights
 
 # The bar (issue "Erasure that holds"): the erased concept's largest rate, and how far below the base each other
 # kind may fall, by the kind erased.
@@ -116,6 +118,9 @@ def main() -> None:
     p.add_argument("--prompt-set", default="full", choices=["full", "quick", "base"], help="evaluation prompts")
     p.add_argument("--base-cache", default="outputs/testbed-base-metrics.json")
     p.add_argument("--json", default=None, help="write every seed's numbers and the summary here")
+    p.add_argument("--runs", default=None,
+                   help="measure erases made before instead of erasing: RUNS/seed-S/erase/esd.safetensors for each "
+                        "erase seed S (the layout of benchmarks/attack_robustness.py)")
     p.add_argument("--erased", default=None,
                    help="the testbed word measured as erased (default: the concept's last word that is one)")
     args = p.parse_args()
@@ -138,21 +143,25 @@ def main() -> None:
         cfg.seed, cfg.grid_steps, cfg.output = seed, 0, str(out_root / f"seed-{seed}")
         pipe = load_pipeline(model)
         start = time.perf_counter()
-        result = erase(cfg, pipe=pipe, progress=False, explicit=explicit | {"seed", "grid_steps", "output"})
+        if args.runs:  # the erase was made before: its config is in the weights' metadata
+            weights = Path(args.runs) / f"seed-{seed}" / "erase" / "esd.safetensors"
+            run = EraseConfig.from_json(apply_esd_weights(pipe, weights)["esd_config"])
+        else:
+            run = erase(cfg, pipe=pipe, progress=False, explicit=explicit | {"seed", "grid_steps", "output"}).config
         seconds = time.perf_counter() - start
         after = measure(pipe, word, args, out_root / f"seed-{seed}" / "eval")
-        run = result.config
         row = {"seed": seed, "concept": cfg.concept, "method": run.method, "lr": run.lr, "eta": run.eta,
                "iterations": run.iterations, "ddim_steps": run.ddim_steps, "batch_size": run.batch_size,
                "lr_schedule": run.lr_schedule, "grad_clip": run.grad_clip, "trajectory_reuse": run.trajectory_reuse,
-               "sample_from": run.sample_from, "erase_s": round(seconds, 1), "after": after}
+               "sample_from": run.sample_from, "robust": run.robust, "train_text_encoder": run.train_text_encoder,
+               "erase_s": None if args.runs else round(seconds, 1), "after": after}
         print(json.dumps(row), flush=True)
         rows.append(row)
     text = table(word, base, [r["after"] for r in rows], erase_seeds)
     ok = verdict(word, base, [r["after"] for r in rows])
     print(text)
-    print(f"bar met on every seed: {all(ok.values())}; erase time {min(r['erase_s'] for r in rows):.0f}-"
-          f"{max(r['erase_s'] for r in rows):.0f} s")
+    times = [r["erase_s"] for r in rows if r["erase_s"] is not None]
+    print(f"bar met on every seed: {all(ok.values())}" + (f"; erase time {min(times):.0f}-{max(times):.0f} s" if times else ""))
     if args.json:
         Path(args.json).write_text(json.dumps({"word": word, "base": base, "seeds": rows, "bar": ok,
                                                "table": text}, indent=2))
