@@ -19,7 +19,7 @@ from esd.examples import Example, batch_loss
 from esd.loss import esd_loss
 from esd.models import encode_prompt
 from esd.params import select_parameters
-from esd.robust import Adversary, TextConds, attack_example, first_prefix, text_encoder_params
+from esd.robust import Adversary, TextConds, attack_example, first_prefix, placement, text_encoder_params
 from esd.sampling import Cond, unet_denoiser
 from esd.weights import TEXT_ENCODER, applied_weights, apply_esd_weights
 
@@ -62,10 +62,22 @@ def test_inner_attack_lowers_its_loss_and_leaves_the_models_gradients_alone(tiny
         target = unet(x_t, t, encoder_hidden_states=encode_prompt(tiny_pipe, "a blue square").embeds).sample
     text = TextConds(tiny_pipe, trains=False)
     start = first_prefix(tiny_pipe.tokenizer, tiny_pipe.text_encoder, 3, torch.Generator().manual_seed(1))
-    found, losses = attack_example(text, unet_denoiser(unet), "a red circle", x_t, t, target, start, 20, 0.05)
+    found, losses = attack_example(text, unet_denoiser(unet), "", "a red circle", x_t, t, target, start, 20, 0.05)
     assert len(losses) == 20 and losses[-1] < 0.8 * losses[0]
     assert found.vectors.shape == start.shape and not torch.equal(found.vectors, start)
     assert found.mask.sum() == 3 and all(p.grad is None for p in params.values())
+
+
+def test_the_adversary_goes_before_the_prompt_or_in_the_concept_words_place(tiny_pipe):
+    assert placement("prefix", "a red circle", "a red {}") == ("", "a red circle")
+    assert placement("word", "a red circle", "a red {}") == ("a red", "")
+    assert placement("word", "circle, striped", "{}, striped") == ("", ", striped")
+    assert placement("word", "circle", "{}") == ("", "")
+    before, after = placement("word", "a red circle, striped", "a red {}, striped")
+    ids, mask = slot_ids(tiny_pipe.tokenizer, before, 1, after)
+    plain, _ = slot_ids(tiny_pipe.tokenizer, "a red circle, striped", 0)
+    assert ids.shape == plain.shape and mask.sum() == 1
+    assert (ids != plain).nonzero()[:, 1].tolist() == [mask.nonzero()[0, 1].item()]  # only the concept's token
 
 
 def test_batch_loss_adds_the_adversarial_prompt_at_the_same_x_t_and_target(tiny_pipe):

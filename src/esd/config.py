@@ -95,6 +95,11 @@ class EraseConfig:
         "the UnlearnDiffAtk prefix search (the code of `esd attack`) find --robust-tokens prefix embeddings that "
         "bring the concept back on the current model, and the erase term trains on the prefixed prompt too; "
         "pair it with --retain (SD1.x/SD2.x)", default=False)
+    robust_adversary: Literal["prefix", "word", "both"] = _opt(
+        "--robust: where the inner attack's embeddings go: prefix (--robust-tokens before the prompt, as "
+        "UnlearnDiffAtk and AdvUnlearn), word (one embedding in place of the concept's word in its phrasing, as a "
+        "textual-inversion attack), both (alternating over the batch's examples)", default="prefix",
+        meta={"choices": ["prefix", "word", "both"]})
     robust_tokens: int = _opt("--robust: prefix embeddings the inner attack optimises", default=5)
     robust_steps: int = _opt("--robust: inner attack steps per refresh (warm-started from the last prefix)",
                              default=5)
@@ -184,6 +189,7 @@ class EraseConfig:
         if not math.isfinite(self.grad_clip) or self.grad_clip < 0:
             raise EsdError(f"--grad-clip must be a finite number >= 0 (0: off), got {self.grad_clip}")
         for name, choices in (("sample_from", ("esd", "frozen")), ("precision", ("fp32", "bf16", "fp16")),
+                              ("robust_adversary", ("prefix", "word", "both")),
                               ("lr_schedule", ("constant", "cosine")),
                               ("compvis_format", ("safetensors", "ckpt"))):
             if getattr(self, name) not in choices:

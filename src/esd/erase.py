@@ -58,7 +58,7 @@ from esd.models import (
 )
 from esd.networks import is_transformer, network
 from esd.params import select_parameters
-from esd.robust import Adversary, TextConds, attack_example, first_prefix, text_encoder_params
+from esd.robust import Adversary, TextConds, attack_example, first_prefix, placement, text_encoder_params
 from esd.sampling import Cond, Denoiser, ddim_scheduler, unet_denoiser
 from esd.weights import TEXT_ENCODER
 
@@ -315,12 +315,16 @@ def train_step(s: Setup, state: resume.TrainState, i: int, out: Path) -> tuple[f
     with _autocast(cfg, s.device):
         batch = [draw_example(cfg, s.conds, s.sampler, s.frozen, s.scheduler, s.latent_shape, slot, s.guidance,
                               sample_conds) for slot in state.slots]
-        if cfg.robust and i % cfg.robust_every == 0:
-            for slot, example in zip(state.slots, batch, strict=True):
-                refresh_adversary(s, slot, example)
         if cfg.robust:
-            for slot, example in zip(state.slots, batch, strict=True):
-                example.adversary = adversary_for(s, slot, example)
+            for n, (slot, example) in enumerate(zip(state.slots, batch, strict=True)):
+                mode = cfg.robust_adversary if cfg.robust_adversary != "both" else ("prefix", "word")[(n + i) % 2]
+                mode = "prefix" if cfg.erase_from else mode  # the prompt ε_θ sees does not name the concept
+                where = placement(mode, example.text, example.context)
+                if i % cfg.robust_every == 0 or mode not in slot.adversaries:
+                    refresh_adversary(s, slot, example, mode, where)
+                vectors = slot.adversaries[mode]
+                ids, mask = slot_ids(s.pipe.tokenizer, where[0], len(vectors), where[1])
+                example.adversary = Adversary(ids, mask, vectors)
         loss = batch_loss(cfg, s.trained, batch, s.text)
     shown = global_mean(loss.detach(), d.world)  # every process sees the same number, and stops together
     if not torch.isfinite(shown):
@@ -342,20 +346,16 @@ def train_step(s: Setup, state: resume.TrainState, i: int, out: Path) -> tuple[f
     return shown.item(), batch[0].concept
 
 
-def refresh_adversary(s: Setup, slot: Slot, example: Example) -> None:
-    """--robust: a few steps of the inner attack on this example, warm-started from the slot's last prefix."""
+def refresh_adversary(s: Setup, slot: Slot, example: Example, mode: str, where: tuple[str, str]) -> None:
+    """--robust: a few steps of the inner attack on this example, warm-started from the slot's last embeddings
+    of this placement (between refreshes they are used as they are): --robust-tokens for a prefix, one for a word."""
     cfg = s.cfg
-    if slot.prefix is None:
-        slot.prefix = first_prefix(s.pipe.tokenizer, s.pipe.text_encoder, cfg.robust_tokens, slot.gen)
-    found, _ = attack_example(s.text, s.trained, example.text, example.x_t, example.t, example.concept_eps,
-                              slot.prefix, cfg.robust_steps, cfg.robust_lr)
-    slot.prefix = found.vectors
-
-
-def adversary_for(s: Setup, slot: Slot, example: Example) -> Adversary:
-    """The slot's current prefix before this example's prompt (between refreshes, the last one found)."""
-    ids, mask = slot_ids(s.pipe.tokenizer, "", len(slot.prefix), example.text)
-    return Adversary(ids, mask, slot.prefix)
+    if mode not in slot.adversaries:
+        n = cfg.robust_tokens if mode == "prefix" else 1
+        slot.adversaries[mode] = first_prefix(s.pipe.tokenizer, s.pipe.text_encoder, n, slot.gen)
+    found, _ = attack_example(s.text, s.trained, *where, example.x_t, example.t, example.concept_eps,
+                              slot.adversaries[mode], cfg.robust_steps, cfg.robust_lr)
+    slot.adversaries[mode] = found.vectors
 
 
 def finish(cfg: EraseConfig, pipe, params, result: EraseResult, before, size: int, write_outputs) -> None:

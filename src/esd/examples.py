@@ -42,6 +42,7 @@ class Example:
     # With --retain: (r, x_t^r, ε*(x_t^r, r, t)), a prompt to keep, its own x_t and the frozen model's prediction.
     retain: tuple[Cond, torch.Tensor, torch.Tensor] | None = None
     text: str = ""  # the text of `prompt` (re-encoded with gradients when the text encoder is trained)
+    context: str = "{}"  # the phrasing of the concept ('a red {}'), where a --robust word adversary goes
     retain_text: str | None = None  # the text of the kept prompt
     concept_eps: torch.Tensor | None = None  # ε*(x_t, w, t): what the --robust inner attack steers ε_θ towards
     adversary: Adversary | None = None  # --robust: the adversarial prefix found for this example
@@ -58,7 +59,8 @@ class Slot:
     kept: str | None = None  # and the retained prompt sampled beside it
     trajectory: list[torch.Tensor] = field(default_factory=list)
     uses_left: int = 0
-    prefix: torch.Tensor | None = None  # --robust: this stream's adversarial prefix embeddings, warm-started
+    # --robust: this stream's adversarial embeddings by placement ("prefix", "word"), each warm-started from its last
+    adversaries: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def seeded(cls, seed: int) -> Slot:
@@ -68,7 +70,7 @@ class Slot:
         """Everything the slot's next draws depend on (for checkpoints: plain data and CPU tensors)."""
         return {"rng": self.rng.getstate(), "gen": self.gen.get_state(), "concept": self.concept,
                 "context": self.context, "kept": self.kept, "trajectory": [x.cpu() for x in self.trajectory],
-                "uses_left": self.uses_left, "prefix": None if self.prefix is None else self.prefix.cpu()}
+                "uses_left": self.uses_left, "adversaries": {k: v.cpu() for k, v in self.adversaries.items()}}
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
         self.rng.setstate(state["rng"])
@@ -76,8 +78,7 @@ class Slot:
         self.concept, self.context, self.kept = state["concept"], state["context"], state["kept"]
         self.trajectory = [x.to(device) for x in state["trajectory"]]
         self.uses_left = state["uses_left"]
-        prefix = state.get("prefix")
-        self.prefix = None if prefix is None else prefix.to(device)
+        self.adversaries = {k: v.to(device) for k, v in state.get("adversaries", {}).items()}
 
 
 @torch.no_grad()
@@ -133,7 +134,7 @@ def draw_example(cfg: EraseConfig, conds: dict[str, Cond], sampler: Denoiser, fr
     eps = dict(zip(named, predict_pairs(frozen, xs, t, list(named.values()), cfg.guidance_batch), strict=True))
     target = esd_target(eps["start"], eps["concept"], cfg.eta, eps.get("context"))
     retain = (named["retain"], x_kept, eps["retain"]) if holds else None
-    return Example(w, k, x_t, t, prompt, target, retain, prompt_text, kept, eps["concept"])
+    return Example(w, k, x_t, t, prompt, target, retain, prompt_text, context, kept, eps["concept"])
 
 
 def kept_prompt(cfg: EraseConfig, pool: list[str], context: str, slot: Slot) -> str:

@@ -9,7 +9,9 @@ where ℓ_ESD is the Eq. 5 loss and δ are k prefix embeddings. The inner proble
 trained: a prefix under which the erased model predicts, at the example's own x_t, what the original model
 predicts for the concept, i.e. under which the concept is back. It is solved approximately by a few steps of the
 UnlearnDiffAtk search (`esd.attack.unlearndiff.search_prefix`, the code `esd attack` runs), warm-started from the
-previous prefix of the same example stream, so the adversary keeps up with θ instead of starting over. The
+previous prefix of the same example stream, so the adversary keeps up with θ instead of starting over. With
+`--robust-adversary word` the embedding takes the concept word's place in its phrasing instead ("a red δ", the
+textual-inversion attack's form), a search over every way of naming the concept without its word. The
 embeddings are free (not projected to tokens): a continuous prefix is a stronger adversary than any typed one,
 and the textual-inversion attack is a continuous embedding too. γ ℓ_retain is `--retain`/`--retain-weight`.
 
@@ -100,11 +102,21 @@ def first_prefix(tokenizer, text_encoder, n_tokens: int, generator: torch.Genera
     return weight[ids.to(weight.device)].detach().float()
 
 
-def attack_example(text: TextConds, trained: Denoiser, prompt: str, x_t: Tensor, t: Tensor, concept_eps: Tensor,
-                   start: Tensor, steps: int, lr: float) -> tuple[Adversary, list[float]]:
+def placement(mode: str, prompt: str, context: str) -> tuple[str, str]:
+    """(the words before the adversarial embeddings, the words after): a prefix before the whole prompt, or in
+    place of the concept's word in its phrasing ('a red {}' -> ('a red', ''))."""
+    if mode == "word" and "{}" in context:
+        before, after = context.split("{}", 1)
+        return before.strip(), after.strip()
+    return "", prompt
+
+
+def attack_example(text: TextConds, trained: Denoiser, before: str, after: str, x_t: Tensor, t: Tensor,
+                   concept_eps: Tensor, start: Tensor, steps: int, lr: float) -> tuple[Adversary, list[float]]:
     """The inner attack: `steps` of the prefix search from `start` so that the model being trained, prompted with
-    the prefix and `prompt`, predicts `concept_eps` (the frozen model's prediction for the concept) at x_t."""
-    ids, mask = slot_ids(text.tokenizer, "", len(start), prompt)
+    the embeddings between `before` and `after`, predicts `concept_eps` (the frozen model's prediction for the
+    concept) at x_t."""
+    ids, mask = slot_ids(text.tokenizer, before, len(start), after)
 
     def loss_of(embeds: Tensor) -> Tensor:
         return F.mse_loss(trained(x_t, t, Cond(embeds)).float(), concept_eps.float())
