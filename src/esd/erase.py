@@ -317,14 +317,7 @@ def train_step(s: Setup, state: resume.TrainState, i: int, out: Path) -> tuple[f
                               sample_conds) for slot in state.slots]
         if cfg.robust:
             for n, (slot, example) in enumerate(zip(state.slots, batch, strict=True)):
-                mode = cfg.robust_adversary if cfg.robust_adversary != "both" else ("prefix", "word")[(n + i) % 2]
-                mode = "prefix" if cfg.erase_from else mode  # the prompt ε_θ sees does not name the concept
-                where = placement(mode, example.text, example.context)
-                if i % cfg.robust_every == 0 or mode not in slot.adversaries:
-                    refresh_adversary(s, slot, example, mode, where)
-                vectors = slot.adversaries[mode]
-                ids, mask = slot_ids(s.pipe.tokenizer, where[0], len(vectors), where[1])
-                example.adversary = Adversary(ids, mask, vectors)
+                example.adversary = adversary(s, slot, example, (n + i) % 2, i % cfg.robust_every == 0)
         loss = batch_loss(cfg, s.trained, batch, s.text)
     shown = global_mean(loss.detach(), d.world)  # every process sees the same number, and stops together
     if not torch.isfinite(shown):
@@ -344,6 +337,21 @@ def train_step(s: Setup, state: resume.TrainState, i: int, out: Path) -> tuple[f
     if s.text is not None:
         s.text.clear()  # θ moved: the trained encoder's conditioning is stale
     return shown.item(), batch[0].concept
+
+
+def adversary(s: Setup, slot: Slot, example: Example, turn: int, refresh: bool) -> Adversary:
+    """--robust: this example's adversarial prompt, the slot's embeddings for its placement, refreshed by the inner
+    attack when due. `turn` (0/1) picks the placement with --robust-adversary both, alternating over the batch's
+    slots and the iterations."""
+    cfg = s.cfg
+    mode = cfg.robust_adversary if cfg.robust_adversary != "both" else ("prefix", "word")[turn]
+    mode = "prefix" if cfg.erase_from else mode  # with --erase-from the prompt ε_θ sees does not name the concept
+    where = placement(mode, example.text, example.context)
+    if refresh or mode not in slot.adversaries:
+        refresh_adversary(s, slot, example, mode, where)
+    vectors = slot.adversaries[mode]
+    ids, mask = slot_ids(s.pipe.tokenizer, where[0], len(vectors), where[1])
+    return Adversary(ids, mask, vectors)
 
 
 def refresh_adversary(s: Setup, slot: Slot, example: Example, mode: str, where: tuple[str, str]) -> None:
