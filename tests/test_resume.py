@@ -36,7 +36,8 @@ OPTIONS = {
     "batch-retain-contexts": dict(batch_size=2, retain=["a blue square"], contexts=["{}", "a red {}"]),
     "fp16-grad-scaler": dict(precision="fp16"),
     "robust-text-encoder": dict(robust=True, robust_steps=2, robust_every=2, robust_adversary="both",
-                                train_text_encoder=True, retain=["a blue square"], contexts=["{}", "a red {}"]),
+                                train_text_encoder=True, text_encoder_lr=1e-3, retain=["a blue square"],
+                                contexts=["{}", "a red {}"]),
 }
 # (iteration index to stop after, how): on_step returning True, raising KeyboardInterrupt, or a SIGTERM.
 STOPS = [(0, "return"), (2, "keyboard"), (3, "sigterm")]

@@ -180,9 +180,22 @@ def test_convert_to_compvis_carries_the_text_encoder_delta(text_erase, tmp_path)
         compvis.convert(folder, tmp_path / "unet", weights=out / "esd.safetensors", to="diffusers-unet")
 
 
+def test_the_text_encoder_gets_its_own_learning_rate(tiny_pipe):
+    from esd.erase import parameter_groups
+
+    params = {"down.w": torch.nn.Parameter(torch.zeros(1)), TEXT_ENCODER + "layer.w": torch.nn.Parameter(torch.zeros(1))}
+    one = parameter_groups(EraseConfig(concept="c", lr=1e-3), params)
+    assert len(one) == 1 and len(one[0]["params"]) == 2
+    two = parameter_groups(EraseConfig(concept="c", lr=1e-3, text_encoder_lr=1e-4), params)
+    optimizer = torch.optim.Adam(two, lr=1e-3)
+    assert [g["lr"] for g in optimizer.param_groups] == [1e-3, 1e-4]
+    assert optimizer.param_groups[1]["params"][0] is params[TEXT_ENCODER + "layer.w"]
+
+
 def test_bad_robust_settings_are_refused_before_any_work(saved, tmp_path):
     for kw, message in ((dict(robust_steps=0), "--robust-steps must be >= 1"),
                         (dict(robust_lr=float("nan")), "--robust-lr"),
+                        (dict(text_encoder_lr=0.0), "--text-encoder-lr"),
                         (dict(train_text_encoder=True, lora_rank=4), "leave out --lora-rank")):
         with pytest.raises(EsdError, match=message):
             _cfg(tmp_path, **kw).validate()

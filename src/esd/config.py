@@ -109,6 +109,9 @@ class EraseConfig:
         "also train the text encoder (its transformer layers; the token and position embeddings stay), as "
         "AdvUnlearn does; esd.safetensors then holds the text-encoder delta under text_encoder.* and generate, "
         "evaluate, attack, convert and the app apply it (SD1.x/SD2.x)", default=False)
+    text_encoder_lr: float | None = _opt("--train-text-encoder: the text encoder's Adam learning rate (default: --lr); "
+                                         "every prompt goes through it, so a smaller rate than the UNet's keeps the "
+                                         "other concepts", default=None)
     sample_from: Literal["esd", "frozen"] = _opt("which model samples x_t: esd (the one being trained, the "
                                                  "paper) or frozen (the 2025 code)", default="esd",
                                                  meta={"choices": ["esd", "frozen"]})
@@ -200,6 +203,8 @@ class EraseConfig:
                 raise EsdError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not math.isfinite(self.robust_lr) or self.robust_lr <= 0:
             raise EsdError(f"--robust-lr must be a finite number > 0, got {self.robust_lr}")
+        if self.text_encoder_lr is not None and not (math.isfinite(self.text_encoder_lr) and self.text_encoder_lr > 0):
+            raise EsdError(f"--text-encoder-lr must be a finite number > 0, got {self.text_encoder_lr}")
         if self.train_text_encoder and self.lora_rank is not None:
             raise EsdError("--train-text-encoder trains full text-encoder weights; leave out --lora-rank "
                            "(LoRA covers the denoising network only)")

@@ -108,6 +108,15 @@ def esd_metadata(cfg: EraseConfig, pipe, step: int, trained: list[str]) -> dict[
     }
 
 
+def parameter_groups(cfg: EraseConfig, params: dict[str, torch.nn.Parameter]) -> list[dict]:
+    """Adam's parameter groups: θ at --lr, and a trained text encoder at --text-encoder-lr when given."""
+    text = [p for n, p in params.items() if n.startswith(TEXT_ENCODER)]
+    rest = [p for n, p in params.items() if not n.startswith(TEXT_ENCODER)]
+    if not text or cfg.text_encoder_lr is None:
+        return [{"params": rest + text}]
+    return [{"params": rest}, {"params": text, "lr": cfg.text_encoder_lr}]
+
+
 def lr_factor(cfg: EraseConfig, step: int) -> float:
     """Multiplier of --lr at optimizer step `step`: 1 (constant, the paper) or a cosine decay to 0 over the run.
 
@@ -264,7 +273,7 @@ def erase(cfg: EraseConfig, pipe=None, progress: bool = True,
     with _autocast(cfg, device):
         before = before_images(pipe, cfg, s.size) if d.main else []  # θ still at its original values
 
-    optimizer = torch.optim.Adam(params.values(), lr=cfg.lr)
+    optimizer = torch.optim.Adam(parameter_groups(cfg, params), lr=cfg.lr)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, cfg))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")  # fp16 gradients underflow
     slots = [Slot.seeded(seed) for seed in example_seeds(cfg.seed, d.rank, cfg.batch_size)]

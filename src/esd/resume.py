@@ -213,10 +213,11 @@ def load(path: Path, state: TrainState, cfg: EraseConfig, d: Dist, device: torch
     state.optimizer.load_state_dict(_load(path / "optimizer.pt"))
     schedule = state.lr_schedule
     schedule.load_state_dict(_load(path / "scheduler.pt"))
-    # The lr comes from this run's settings: the saved ones, unless --resume went on with another --lr.
-    schedule.base_lrs = [cfg.lr] * len(schedule.base_lrs)
-    for group, factor in zip(state.optimizer.param_groups, schedule.lr_lambdas, strict=True):
-        group["initial_lr"], group["lr"] = cfg.lr, cfg.lr * factor(schedule.last_epoch)
+    # The lr comes from this run's settings: the saved ones, unless --resume went on with another --lr. Adam's
+    # groups (esd.erase.parameter_groups): θ at --lr, then a trained text encoder's at --text-encoder-lr.
+    schedule.base_lrs = [cfg.lr, cfg.text_encoder_lr or cfg.lr][: len(schedule.base_lrs)]
+    for group, base, factor in zip(state.optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas, strict=True):
+        group["initial_lr"], group["lr"] = base, base * factor(schedule.last_epoch)
     scaler = _load(path / "scaler.pt")
     if scaler and state.scaler.is_enabled():
         state.scaler.load_state_dict(scaler)
