@@ -136,13 +136,18 @@ def has_text_encoder_delta(path: str | Path) -> bool:
     return any(k.startswith(TEXT_ENCODER) for k in tensors)
 
 
-def _targets(pipe, tensors: dict[str, Tensor], metadata: dict[str, str], path) -> list[tuple[torch.nn.Module, dict]]:
-    """[(module, the tensors it takes)] for a pipeline: its denoising network, and its text encoder when the
-    file holds a text-encoder delta; every name, dtype and shape checked before anything is written."""
+def _targets(target, tensors: dict[str, Tensor], metadata: dict[str, str], path) -> list[tuple[torch.nn.Module, dict]]:
+    """[(module, the tensors it takes)]: for a pipeline its denoising network, and its text encoder when the file
+    holds a text-encoder delta; for a bare UNet/transformer the network alone (a file with a text-encoder delta
+    is then an error: applying half of an erase would draw the concept again). Every name, dtype and shape is
+    checked before anything is written."""
     from esd.networks import network
 
     net_tensors, text_tensors = split_text_encoder(tensors)
-    net = network(pipe)
+    bare = isinstance(target, torch.nn.Module)
+    if bare and text_tensors:
+        raise EsdError(f"--weights {path}: holds a text-encoder delta as well; apply it to the whole pipeline")
+    pipe, net = (None, target) if bare else (target, network(target))
     pairs = [(net, full_tensors(net, net_tensors, metadata, path))]
     if text_tensors:
         encoder = getattr(pipe, "text_encoder", None)
@@ -162,15 +167,7 @@ def apply_esd_weights(target, path: str | Path) -> dict[str, str]:
     applying half of an erase would draw the concept again).
     """
     tensors, metadata = load_esd_weights(path)
-    if isinstance(target, torch.nn.Module):
-        net_tensors, text_tensors = split_text_encoder(tensors)
-        if text_tensors:
-            raise EsdError(f"--weights {path}: holds a text-encoder delta as well; apply it to the whole pipeline")
-        pairs = [(target, full_tensors(target, net_tensors, metadata, path))]
-        _check_fits(target, pairs[0][1], path)
-    else:
-        pairs = _targets(target, tensors, metadata, path)
-    for module, part in pairs:
+    for module, part in _targets(target, tensors, metadata, path):
         _copy_into(dict(module.named_parameters()), part)
     return metadata
 
@@ -190,11 +187,11 @@ def restore_parameters(unet: torch.nn.Module, saved: dict[str, Tensor]) -> None:
 
 
 @contextlib.contextmanager
-def applied_weights(pipe, path: str | Path) -> Iterator[dict[str, str]]:
-    """The pipeline with an ESD weights file applied inside the block (its denoising network, and its text
-    encoder for a file with a text-encoder delta), and its own values again after it."""
+def applied_weights(target, path: str | Path) -> Iterator[dict[str, str]]:
+    """A pipeline (or a bare UNet/transformer) with an ESD weights file applied inside the block (its denoising
+    network, and its text encoder for a file with a text-encoder delta), and its own values again after it."""
     tensors, metadata = load_esd_weights(path)  # the file is read once and checked before anything changes
-    pairs = _targets(pipe, tensors, metadata, path)
+    pairs = _targets(target, tensors, metadata, path)
     saved = [(module, snapshot_parameters(module, list(part))) for module, part in pairs]
     try:
         for module, part in pairs:
