@@ -104,5 +104,7 @@ def test_two_gloo_processes_equal_one_process_with_the_combined_batch(tmp_path):
     assert ranks[0]["losses"] == pytest.approx(single.losses, rel=1e-4)
     for name, value in ranks[0]["params"].items():
         assert torch.equal(value, ranks[1]["params"][name])  # θ stays identical on every process
-        assert torch.allclose(value, pipe.unet.get_parameter(name).detach(), atol=1e-6), name
+        # The two processes average gradients in another float order than one batch does, and Adam divides by the
+        # gradients' own size, so tiny differences grow: 1e-5 is 1% of one step at lr 1e-3 (seen: 1.8e-6).
+        assert torch.allclose(value, pipe.unet.get_parameter(name).detach(), atol=1e-5), name
     assert (tmp_path / "ddp" / "esd.safetensors").exists()  # rank 0 wrote the outputs
