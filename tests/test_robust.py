@@ -192,6 +192,21 @@ def test_the_text_encoder_gets_its_own_learning_rate(tiny_pipe):
     assert optimizer.param_groups[1]["params"][0] is params[TEXT_ENCODER + "layer.w"]
 
 
+def test_save_compvis_from_a_compvis_base_keeps_the_trained_text_encoder(tmp_path):
+    from esd.tiny import tiny_sd_pipeline
+
+    base = tiny_sd_pipeline(seed=0)
+    base_file = compvis.save_compvis(compvis.diffusers_to_compvis(base), tmp_path / "base.safetensors")
+    base.save_pretrained(tmp_path / "pipe")
+    pipe = tiny_sd_pipeline(seed=0)
+    erase(_cfg(tmp_path / "out", model=str(base_file), train_text_encoder=True, save_compvis=True), pipe=pipe,
+          progress=False)
+    written = load_file(str(tmp_path / "out" / "esd.safetensors"))
+    back = compvis.load_single_file(tmp_path / "out" / "compvis.safetensors", config=tmp_path / "pipe")
+    text = {k[len(TEXT_ENCODER):]: v for k, v in written.items() if k.startswith(TEXT_ENCODER)}
+    assert text and all(torch.equal(back.text_encoder.get_parameter(k).detach(), v) for k, v in text.items())
+
+
 def test_bad_robust_settings_are_refused_before_any_work(saved, tmp_path):
     for kw, message in ((dict(robust_steps=0), "--robust-steps must be >= 1"),
                         (dict(robust_lr=float("nan")), "--robust-lr"),

@@ -227,12 +227,18 @@ def save_tab(gr, app: EsdApp, run) -> None:
                  api_name="export")
 
 
+def _testbed_only(gr, app: EsdApp, otherwise: str) -> bool:
+    """Whether a testbed-only tab can be built; if not, the tab says `otherwise` (what to use instead)."""
+    if not app.is_testbed:
+        gr.Markdown(otherwise)
+    return app.is_testbed
+
+
 def evaluate_tab(gr, app: EsdApp, run) -> None:
     """The testbed suite on the original and the erased model, as a table and image grids."""
     with gr.Tab("Evaluate", id="evaluate"):
-        if not app.is_testbed:
-            gr.Markdown("The testbed suite needs the testbed model. For real models use `esd evaluate` "
-                        "(nudity, imagenette, artists, coco suites).")
+        if not _testbed_only(gr, app, "The testbed suite needs the testbed model. For real models use `esd evaluate` "
+                                      "(nudity, imagenette, artists, coco suites)."):
             return
         gr.Markdown("The testbed's quick prompt set (every `a {colour} {shape}`, each with a style, and the bare "
                     "words; `esd testbed eval` runs all 94), judged by the testbed classifier: `erased_rate` "
@@ -252,9 +258,8 @@ def attack_tab(gr, app: EsdApp, run) -> None:
     from esd.attack.command import ATTACKS
 
     with gr.Tab("Attack", id="attack"):
-        if not app.is_testbed:
-            gr.Markdown("The attack tab judges with the testbed classifier. For real models use `esd attack` "
-                        "(`--suite nudity`, `imagenette` or `artists`).")
+        if not _testbed_only(gr, app, "The attack tab judges with the testbed classifier. For real models use "
+                                      "`esd attack` (`--suite nudity`, `imagenette` or `artists`)."):
             return
         gr.Markdown("Attack the current run's erased model: **unlearndiff** searches prefix tokens that bring the "
                     "concept back (UnlearnDiffAtk), **textual-inversion** learns a new word for it. `asr_before`: "

@@ -30,7 +30,7 @@ from esd.app_runs import new_run_dir, resolve_run, run_files, run_metadata
 from esd.config import EraseConfig
 from esd.errors import EsdError
 from esd.models import describe_model, grid_prompts, model_notes
-from esd.weights import applied_weights, restore_parameters, snapshot_parameters
+from esd.weights import applied_weights, has_text_encoder_delta, restore_parameters, snapshot_parameters
 
 # Sane maxima: a browser form must not be able to start a week-long job or a million images.
 MAX_ITERATIONS = 5000
@@ -293,8 +293,10 @@ class EsdApp:
 
         run = self.run_dir(run_name)
         base = Path(self.source)
-        with self.model_busy(), applied_weights(self.pipe, run / "esd.safetensors"):
-            return export_pipeline(self.pipe, run / "compvis.safetensors", base_file=base if base.is_file() else None)
+        weights = run / "esd.safetensors"
+        with self.model_busy(), applied_weights(self.pipe, weights):
+            return export_pipeline(self.pipe, run / "compvis.safetensors", base_file=base if base.is_file() else None,
+                                   text_encoder=has_text_encoder_delta(weights))
 
     # ---- evaluate
 
@@ -323,7 +325,6 @@ class EsdApp:
                                          prompt_set="quick")
         return evaluation_rows(original, after), [(str(out / "original" / "grid.png"), "original"),
                                                   (str(out / "erased" / "grid.png"), "erased")]
-
 
     def attack(self, run_name: str, attack: str, prompts: int = 2, steps: int | None = None,
                num_images: int = 2) -> tuple[list[list], list]:

@@ -343,7 +343,7 @@ def train_step(s: Setup, state: resume.TrainState, i: int, out: Path) -> tuple[f
     state.scaler.step(state.optimizer)
     state.scaler.update()
     state.lr_schedule.step()
-    if s.text is not None:
+    if s.text is not None and s.text.trains:
         s.text.clear()  # θ moved: the trained encoder's conditioning is stale
     return shown.item(), batch[0].concept
 
@@ -385,7 +385,7 @@ def finish(cfg: EraseConfig, pipe, params, result: EraseResult, before, size: in
 
         dtype = torch.float32 if cfg.precision != "fp32" else None  # one precision in the file (θ is fp32)
         result.compvis = export_pipeline(pipe, out / f"compvis.{cfg.compvis_format}", base_file=cfg.model,
-                                         dtype=dtype)
+                                         dtype=dtype, text_encoder=cfg.train_text_encoder)
     write_outputs(out, cfg, pipe, result, before, size)
     if len(result.losses) >= cfg.iterations:  # done: esd.safetensors supersedes the checkpoints
         for path in resume.checkpoints(out):

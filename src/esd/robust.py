@@ -47,12 +47,6 @@ def text_encoder_params(text_encoder: torch.nn.Module) -> dict[str, torch.nn.Par
     return params
 
 
-def prompt_ids(tokenizer, text: str) -> Tensor:
-    """Token ids (1, 77) of a prompt, padded and truncated as an SD pipeline does."""
-    return tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
-
-
 class TextConds(Mapping[str, Cond]):
     """Text conditioning by the pipeline's text encoder as it is now (SD1.x/SD2.x: its last hidden state, what
     `pipe.encode_prompt` gives the UNet). Reading a prompt encodes it without gradients and keeps it until
@@ -78,7 +72,8 @@ class TextConds(Mapping[str, Cond]):
         self._cache.clear()
 
     def grad(self, text: str) -> Cond:
-        return Cond(encode(self.encoder, prompt_ids(self.tokenizer, text)))
+        ids, _ = slot_ids(self.tokenizer, "", 0, text)  # padded and truncated as the pipeline does
+        return Cond(encode(self.encoder, ids))
 
     def prefixed(self, adversary: Adversary) -> Cond:
         """The conditioning of the adversarial prompt: the prefix embeddings before the prompt's words."""
@@ -87,7 +82,8 @@ class TextConds(Mapping[str, Cond]):
 
 @dataclass
 class Adversary:
-    """A prompt with adversarial prefix embeddings: its ids with slots, the slots' mask, the vectors (k, D)."""
+    """A prompt with adversarial embeddings (a prefix, or in the concept word's place): its ids with slots, the
+    slots' mask, the vectors (k, D)."""
 
     ids: Tensor
     mask: Tensor
