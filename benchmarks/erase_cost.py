@@ -31,8 +31,9 @@ import time
 from pathlib import Path
 
 CONFIGS = {  # name -> EraseConfig overrides; `devices` is filled in with the run's device twice for baseline
-    "baseline": {"devices": "SAME", "guidance_batch": False, "gradient_checkpointing": False},
+    "baseline": {"devices": "SAME", "guidance_batch": False, "gradient_checkpointing": False, "precision": "fp32"},
     "default": {},
+    "fp32": {"precision": "fp32"},  # SD3/FLUX: the frozen weights in fp32 (the default there is bf16)
     "no-checkpointing": {"gradient_checkpointing": False},
     "bf16": {"precision": "bf16"},
     "fast": {"trajectory_reuse": 8},

@@ -40,6 +40,7 @@ def test_erase_then_generate_with_weights(tiny_pipe_dir, tmp_path, monkeypatch):
     cfg = EraseConfig.from_json(meta["esd_config"])
     assert (cfg.concept, cfg.method, cfg.iterations, cfg.lr, cfg.eta, cfg.seed) == ("a red circle", "xattn", 8, 5e-3,
                                                                                   3.0, 3)
+    assert cfg.precision == "fp32"  # --precision auto on SD1.x: the paper's fp32
     assert meta["base_model"] == str(tiny_pipe_dir) and meta["step"] == "8"
     assert names and all(".attn2." in n for n in names)
     card = (out / "README.md").read_text()

@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from esd.cli import main
+from esd.config import EraseConfig
 from esd.loss import esd_target
 from esd.models import describe_model, encode_prompt, model_family, prediction_type
 from esd.networks import forward, network
@@ -144,11 +145,15 @@ def test_erase_and_generate_through_the_cli(tmp_path, saved, family, method, ext
         assert set(f.keys()) == expected
         assert f.metadata()["model_family"] == family.split("-")[0]
         assert f.metadata()["prediction_type"] == "flow"
+        # --precision auto: the frozen weights in bf16, as these families are run; θ itself stays fp32
+        assert EraseConfig.from_json(f.metadata()["esd_config"]).precision == "bf16"
+        assert all(f.get_tensor(name).dtype == torch.float32 for name in f.keys())
         changed = [name for name in f.keys()
                    if not torch.equal(f.get_tensor(name), network(pipe).get_parameter(name).detach())]
     assert changed  # training moved the selected tensors (lr 1e-2, 3 steps)
     card = (out / "README.md").read_text()
     assert "the transformer has" in card and "pipe.transformer.load_state_dict" in card
+    assert "| precision | frozen weights bf16" in card
     assert (out / "grid.png").is_file() and (out / "loss.png").is_file()
 
     images = {}
@@ -217,19 +222,69 @@ def test_lora_erase_is_a_file_diffusers_loads_and_convert_merges(tmp_path, saved
         torch.testing.assert_close(merged[name], mine[name])
 
 
+@pytest.mark.parametrize("family,comfy_key", [("sd3", "transformer_blocks.0.attn.add_q_proj.weight"),
+                                               ("flux", "x_embedder.weight")])
+def test_convert_writes_the_erased_transformer_as_comfyui_reads_it(tmp_path, saved, family, comfy_key):
+    """`esd convert MODEL out.safetensors --weights W`: the whole erased transformer under diffusers names (the
+    names ComfyUI's Load Diffusion Model node maps itself), in the dtype the base folder stores."""
+    from diffusers import DiffusionPipeline
+    from safetensors.torch import load_file
+
+    from esd.models import load_pipeline
+    from esd.weights import apply_esd_weights
+
+    base = tmp_path / "bf16"
+    DiffusionPipeline.from_pretrained(str(saved(family)), dtype=torch.bfloat16).save_pretrained(base)
+    assert _erase(tmp_path, base) == 0
+    weights = tmp_path / "out" / "esd.safetensors"
+    assert main(["convert", str(base), str(tmp_path / "comfy.safetensors"), "--weights", str(weights)]) == 0
+    written = load_file(str(tmp_path / "comfy.safetensors"))
+    erased = load_pipeline(str(base))
+    apply_esd_weights(erased, weights)
+    expected = network(erased).state_dict()
+    assert set(written) == set(expected) and comfy_key in written
+    assert {t.dtype for t in written.values()} == {torch.bfloat16}  # as the base stores it
+    for name, value in expected.items():
+        torch.testing.assert_close(written[name], value.to(torch.bfloat16))
+    with safe_open(str(weights), "pt") as f:  # the erased tensors are in it, not the base's
+        name = next(iter(f.keys()))
+        torch.testing.assert_close(written[name], f.get_tensor(name).to(torch.bfloat16))
+    assert main(["convert", str(base), str(tmp_path / "comfy.ckpt"), "--weights", str(weights)]) == 2
+    assert main(["convert", str(base), str(tmp_path / "x.safetensors"), "--to", "compvis"]) == 2
+
+
 def test_lora_rank_below_one_exits_2(tmp_path, saved, capsys):
     assert _erase(tmp_path, saved("sd3"), "--lora-rank", "0") == 2
     assert "--lora-rank must be >= 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_a_transformer_single_file_is_refused_with_the_fix(tmp_path, capsys, family):
-    from safetensors.torch import save_file
+def test_a_transformer_single_file_erases_with_the_rest_from_config(tmp_path, saved, capsys, family):
+    """A transformer file (as ComfyUI and the release files hold it) with --config naming the pipeline for the
+    rest erases exactly as the pipeline folder itself; without --config, or with another family's, exit 2."""
+    folder = saved(family)
+    single = tmp_path / f"{family}.safetensors"
+    assert main(["convert", str(folder), str(single)]) == 0
+    runs = {}
+    for name, model in (("folder", [str(folder)]), ("file", [str(single), "--config", str(folder)])):
+        assert main(["erase", "--model", *model, "--concept", "a red circle", "--iterations", "2", "--ddim-steps",
+                     "2", "--image-size", "64", "--grid-steps", "0", "--device", "cpu", "--lr", "1e-2",
+                     "--output", str(tmp_path / name)]) == 0
+        with safe_open(str(tmp_path / name / "esd.safetensors"), "pt") as f:
+            runs[name] = {k: f.get_tensor(k) for k in f.keys()}
+    assert runs["file"].keys() == runs["folder"].keys()
+    for key, value in runs["folder"].items():
+        torch.testing.assert_close(runs["file"][key], value)
+    assert main(["generate", "--model", str(single), "--config", str(folder), "--prompt", "a red circle", "--steps",
+                 "2", "--image-size", "64", "--device", "cpu", "--weights", str(tmp_path / "file" / "esd.safetensors"),
+                 "--output", str(tmp_path / "images")]) == 0
+    assert len(list((tmp_path / "images").glob("*.png"))) == 1
 
-    path = tmp_path / f"{family}.safetensors"
-    net = network(BUILDERS[family]())
-    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in net.state_dict().items()}, str(path))
-    assert main(["erase", "--model", str(path), "--concept", "x", "--iterations", "1", "--device", "cpu",
-                 "--output", str(tmp_path / "out")]) == 2
+    capsys.readouterr()
+    args = ["erase", "--concept", "x", "--iterations", "1", "--device", "cpu", "--output", str(tmp_path / "bad")]
+    assert main([*args, "--model", str(single)]) == 2
     err = capsys.readouterr().err
-    assert "single file, which esd does not read" in err and "diffusers folder or the Hugging Face id" in err
+    assert "holds the transformer only" in err and "pass --config" in err
+    other = saved("flux" if family == "sd3" else "sd3")
+    assert main([*args, "--model", str(single), "--config", str(other)]) == 2
+    assert "pass a pipeline of the same family" in capsys.readouterr().err

@@ -158,6 +158,7 @@ Erased with [ESD](https://arxiv.org/abs/2303.07345) (Gandikota et al., ICCV 2023
 | learning rate | {cfg.lr} (Adam) |
 | sampling steps N | {cfg.ddim_steps} ({"flow-matching Euler" if is_transformer(net) else "DDIM"}); x_t sampled by the {"model being trained (paper)" if cfg.sample_from == "esd" else "frozen model (2025 code)"} |
 | seed | {cfg.seed} |
+| precision | frozen weights {cfg.precision}{"" if cfg.precision == "fp32" else " (forwards under autocast)"}; trained parameters and Adam state fp32 |
 | from the model's esd.json | {", ".join(f"{k}={v}" for k, v in result.model_defaults.items()) or "—"} (recommended settings for flags not given) |
 | final loss (mean of last 20) | {final:.5f} |
 | wall time | {result.seconds:.1f} s |

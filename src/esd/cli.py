@@ -29,6 +29,11 @@ FEATURE_COMMANDS = (testbed_command.register, evaluate_command.register, attack_
                     app_command.register)
 
 
+def _field_help(name: str) -> str:
+    """An EraseConfig field's help, for another command's flag of the same meaning."""
+    return next(f.metadata["help"] for f in dataclasses.fields(EraseConfig) if f.name == name)
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -92,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", default=None, help="base model: HF id, diffusers folder or CompVis file "
                                                    "(default: the shipped testbed)")
     gen.add_argument("--weights", default=None, help="an esd.safetensors file to apply to the base UNet")
+    gen.add_argument("--config", default=None, help=_field_help("config"))
     what = gen.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="one prompt (case_number 0, seed --seed)")
     what.add_argument("--prompts", help="ESD prompt CSV: case_number, prompt, evaluation_seed "
@@ -115,15 +121,20 @@ def add_convert_command(subparsers) -> argparse.ArgumentParser:
     """`convert SRC DST [--weights FILE] [--to ...] [--config DIR_OR_YAML]`; the work is `esd.compvis.convert`."""
     parser = subparsers.add_parser(
         "convert",
-        help="convert between CompVis single files and diffusers folders, optionally applying ESD weights",
+        help="convert between single files (CompVis; SD3/FLUX transformers for ComfyUI) and diffusers folders, "
+        "optionally applying ESD weights",
         description="Convert SRC (a CompVis .ckpt/.safetensors or a diffusers folder) to DST. With --weights, "
-        "the ESD-trained UNet parameters are applied first. CompVis -> CompVis keeps every other tensor of SRC.",
+        "the ESD-trained parameters are applied first. CompVis -> CompVis keeps every other tensor of SRC. "
+        "An SD3/FLUX pipeline to a .safetensors file writes its transformer, which ComfyUI's Load Diffusion "
+        "Model node reads (text encoders and VAE stay the base's).",
     )
     parser.add_argument("src", help="CompVis .ckpt/.safetensors file or diffusers pipeline folder")
     parser.add_argument("dst", help="output: a .safetensors/.ckpt file, or a new folder")
     parser.add_argument("--weights", default=None, help="ESD weights file (safetensors, diffusers UNet names)")
     parser.add_argument("--to", choices=TO_CHOICES, default=None,
-                        help="output format (default: compvis when DST ends in .safetensors/.ckpt, else diffusers)")
+                        help="output format (default: comfyui when DST ends in .safetensors/.ckpt, else diffusers). "
+                        "comfyui: one file ComfyUI reads — the CompVis checkpoint for SD1.x/SD2.x/SDXL (as "
+                        "compvis), the transformer for SD3/FLUX (its Load Diffusion Model node)")
     parser.add_argument("--config", default=None,
                         help="for a CompVis SRC: a diffusers config folder or LDM yaml (default: detected "
                         f"from the weights; shipped: {', '.join(FAMILIES)})")
@@ -152,7 +163,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.num_images < 1:
         raise EsdError("--steps and --num-images must be >= 1")
     rows = read_prompts(args.prompts) if args.prompts else [PromptRow("0", args.prompt, args.seed)]
-    pipe = load_pipeline(args.model, resolve_device(args.device))
+    pipe = load_pipeline(args.model, resolve_device(args.device), config=args.config)
     if args.weights:
         apply_esd_weights(pipe, args.weights)
     paths = generate_rows(pipe, rows, args.output, args.num_images, args.steps, args.guidance, args.image_size)

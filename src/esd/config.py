@@ -52,7 +52,9 @@ class EraseConfig:
     model: str | None = _opt("base model: a Hugging Face id, a diffusers pipeline folder or a CompVis "
                              ".ckpt/.safetensors file (default: the shipped testbed)", default=None)
     config: str | None = _opt("for a CompVis file: its LDM yaml or a diffusers config folder "
-                              "(default: detected from the file's tensors)", default=None)
+                              "(default: detected from the file's tensors); for an SD3/FLUX transformer file: the "
+                              "diffusers pipeline (folder or Hugging Face id) its text encoders, VAE and scheduler "
+                              "come from", default=None)
     method: str = _opt("which UNet parameters to train: xattn (ESD-x, styles), noxattn (ESD-u, objects/nudity), "
                        "selfattn, full, notime, xlayer, selflayer, x-strict", default="xattn",
                        meta={"choices": METHOD_CHOICES})
@@ -121,9 +123,11 @@ class EraseConfig:
         "--lr settle instead of ending mid-oscillation", default="constant", meta={"choices": ["constant", "cosine"]})
     grad_clip: float = _opt("clip the gradient norm of the trained parameters to this value (0: off, the paper)",
                             default=0.0)
-    precision: Literal["fp32", "bf16", "fp16"] = _opt(
-        "weights of the frozen part of the UNet: fp32, or bf16/fp16 (GPU; trained parameters and Adam state stay "
-        "fp32, forwards run under autocast)", default="fp32", meta={"choices": ["fp32", "bf16", "fp16"]})
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = _opt(
+        "weights of the frozen part of the network: fp32, or bf16/fp16 (trained parameters and Adam state stay "
+        "fp32, forwards run under autocast); auto: bf16 for SD3/FLUX (run in bf16 by their makers; fp32 would "
+        "double their memory), fp32 for SD1.x/SD2.x/SDXL (the paper)", default="auto",
+        meta={"choices": ["auto", "fp32", "bf16", "fp16"]})
     trajectory_reuse: int = _opt("opt-in speed-up: sample one full DDIM trajectory and draw x_t from it for this many "
                                  "iterations (1: a fresh partial trajectory every iteration, the paper)", default=1)
     guidance_batch: bool = _opt("run the sampler's conditional and unconditional forwards as one batch "
@@ -191,7 +195,7 @@ class EraseConfig:
             raise EsdError("--resume is empty: give 'latest' or a checkpoint folder")
         if not math.isfinite(self.grad_clip) or self.grad_clip < 0:
             raise EsdError(f"--grad-clip must be a finite number >= 0 (0: off), got {self.grad_clip}")
-        for name, choices in (("sample_from", ("esd", "frozen")), ("precision", ("fp32", "bf16", "fp16")),
+        for name, choices in (("sample_from", ("esd", "frozen")), ("precision", ("auto", "fp32", "bf16", "fp16")),
                               ("robust_adversary", ("prefix", "word", "both")),
                               ("lr_schedule", ("constant", "cosine")),
                               ("compvis_format", ("safetensors", "ckpt"))):

@@ -15,6 +15,7 @@ docs/design.md, "Phrasings and retained prompts". Drawing an example and its los
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import sys
@@ -131,6 +132,16 @@ def lr_factor(cfg: EraseConfig, step: int) -> float:
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def auto_precision(family: str) -> str:
+    """`--precision auto`: the frozen weights' dtype for a model family.
+
+    SD3/SD3.5 and FLUX are run in bf16 by their makers (and by diffusers' examples): fp32 would double the
+    frozen weights' memory without adding precision they were trained to use. SD1.x/SD2.x/SDXL keep fp32, the
+    paper's setting.
+    """
+    return "bf16" if family in ("sd3", "flux") else "fp32"
+
+
 def prepare_unet(cfg: EraseConfig, unet, device: torch.device):
     """Select θ, build ε* (one UNet by default), cast the frozen part, move to `device`.
 
@@ -206,9 +217,10 @@ def setup(cfg: EraseConfig, pipe, explicit: set[str] | None, progress: bool) -> 
     d = init_from_env(device.type)
     device = device_for(d, device)
     progress = progress and d.main  # one process speaks
-    half = cfg.precision != "fp32"
-    # In bf16/fp16 the pipeline is cast on the CPU first: the device never holds it in fp32.
-    pipe = pipe if pipe is not None else load_pipeline(cfg.model, "cpu" if half else device, config=cfg.config)
+    # In bf16/fp16 (and auto, until the family is known) the pipeline is cast on the CPU first: the device never
+    # holds it in fp32.
+    pipe = pipe if pipe is not None else load_pipeline(cfg.model, "cpu" if cfg.precision != "fp32" else device,
+                                                       config=cfg.config)
     applied = {}
     if explicit is not None:
         recommended, kind = recommended_settings(model_notes(pipe), cfg.concepts)
@@ -218,9 +230,13 @@ def setup(cfg: EraseConfig, pipe, explicit: set[str] | None, progress: bool) -> 
             tqdm.write(f"settings recommended by the model folder's esd.json{f' for a {kind}' if kind else ''} "
                        "(override with flags): " + ", ".join(f"{k}={_brief(v)}" for k, v in applied.items()))
     family = model_family(pipe)
+    if cfg.precision == "auto":
+        cfg = dataclasses.replace(cfg, precision=auto_precision(family))
+    half = cfg.precision != "fp32"
     if cfg.save_compvis and family in ("sd3", "flux"):
-        raise EsdError(f"--save-compvis: no CompVis layout for {family.upper()}; leave the flag out "
-                       "(esd.safetensors holds the erased weights under diffusers names)")
+        raise EsdError(f"--save-compvis: no CompVis layout for {family.upper()}; leave the flag out and, for "
+                       "ComfyUI, write the erased transformer afterwards with `esd convert MODEL out.safetensors "
+                       "--weights OUTPUT/esd.safetensors`")
     if (cfg.robust or cfg.train_text_encoder) and family not in ("sd1", "sd2"):
         flag = "--robust" if cfg.robust else "--train-text-encoder"
         raise EsdError(f"{flag} supports SD1.x/SD2.x pipelines (one CLIP text encoder); this one is {family}")

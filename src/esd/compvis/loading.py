@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from esd.compvis.keys import diffusers_to_compvis
-from esd.compvis.reading import detect_family, first_keys, read_checkpoint, use_ema_weights
+from esd.compvis.reading import detect_family, first_keys, read_checkpoint, transformer_family, use_ema_weights
 from esd.errors import EsdError
 
 CONFIGS = Path(__file__).parent.parent / "configs"  # src/esd/configs
@@ -186,6 +186,8 @@ def load_single_file(path: str | Path, family: str | None = None, config: str | 
                      torch_dtype: torch.dtype = torch.float32, sample_size: int | None = None):
     """Load a CompVis `.ckpt`/`.safetensors` file as a diffusers pipeline, offline.
 
+    An SD3/FLUX transformer file takes the rest of its pipeline from `config` (a diffusers pipeline folder or
+    Hugging Face id; see `esd.compvis.transformer_files`).
     family: 'sd1' | 'sd2' | 'sd2-v' | 'sdxl' (default: detected, see `detect_family`).
     config: a diffusers config folder or an LDM yaml (overrides `family`; needed for non-standard sizes).
     sample_size: the UNet's default latent side, when neither config gives the right one.
@@ -194,7 +196,13 @@ def load_single_file(path: str | Path, family: str | None = None, config: str | 
     path = Path(path)
     if family is not None and family not in FAMILIES:
         raise EsdError(f"unknown model family {family!r}; choose from {', '.join(FAMILIES)}")
-    state_dict = use_ema_weights(read_checkpoint(path), path)
+    tensors = read_checkpoint(path, transformers=True)
+    transformer = transformer_family(tensors)
+    if transformer is not None:  # SD3/FLUX: the transformer from the file, the rest from the --config pipeline
+        from esd.compvis.transformer_files import load_transformer_file
+
+        return load_transformer_file(path, tensors, transformer, None if config is None else str(config), torch_dtype)
+    state_dict = use_ema_weights(tensors, path)
     config_dir, original_config = resolve_config(family, config, state_dict, path)
     pipe = pipeline_from_state_dict(state_dict, config_dir, original_config, torch_dtype, name=path)
     if sample_size is not None:

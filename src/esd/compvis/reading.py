@@ -101,12 +101,13 @@ def _line(err: BaseException, index: int) -> str:
     return lines[index][:300]
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
+def read_checkpoint(path: str | Path, transformers: bool = False) -> dict[str, Tensor]:
     """Read a CompVis checkpoint (`.ckpt`/`.pt` pickle or `.safetensors`) into a flat dict of tensors.
 
     Pickles are read with `weights_only=True`, so no code in the file ever runs. Raises `EsdError`
     naming the file for: a missing or unknown file, a truncated one, a pickle of other objects, and
-    a file without Stable Diffusion UNet tensors.
+    a file without Stable Diffusion UNet tensors. With `transformers`, an SD3/FLUX transformer file is
+    returned as it is (`transformer_family` tells it; `esd.compvis.transformer_files` loads it).
     """
     path = Path(path)
     if path.is_dir():
@@ -123,10 +124,12 @@ def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
     if len(tensors) < len(raw):
         log.info("%s: ignoring %d non-tensor entries", path, len(raw) - len(tensors))
     transformer = transformer_family(tensors)
+    if transformer is not None and transformers:
+        return tensors
     if transformer is not None:
         example = "black-forest-labs/FLUX.1-dev" if transformer == "FLUX.1" else "stabilityai/stable-diffusion-3.5-medium"
-        raise EsdError(f"{path}: a {transformer} single file, which esd does not read; pass --model the diffusers "
-                       f"folder or the Hugging Face id of the pipeline (e.g. {example})")
+        raise EsdError(f"{path}: a {transformer} transformer file, not a CompVis checkpoint; load it as --model "
+                       f"with --config naming its pipeline (e.g. {example}), or pass the pipeline itself")
     if not any(k.startswith((UNET_PREFIX, EMA_PREFIX)) for k in tensors):
         hint = " (diffusers UNet names: pass the diffusers folder instead)" if "conv_in.weight" in tensors else ""
         raise EsdError(

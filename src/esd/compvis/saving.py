@@ -26,6 +26,7 @@ from esd.compvis.reading import (
     first_keys,
     has_ema,
     read_checkpoint,
+    transformer_family,
     use_ema_weights,
 )
 from esd.errors import EsdError
@@ -34,7 +35,7 @@ from esd.weights import apply_esd_weights, atomic_path, has_text_encoder_delta
 
 log = logging.getLogger(__name__)
 
-TO_CHOICES = ("compvis", "diffusers", "diffusers-unet")
+TO_CHOICES = ("compvis", "comfyui", "diffusers", "diffusers-unet")
 
 
 # ------------------------------------------------------------------------------------ saving
@@ -148,6 +149,42 @@ def export_pipeline(pipe, dst: str | Path, base_file: str | Path | None = None,
     return write_pipeline(pipe, dst, base, dtype, text_encoder)
 
 
+def write_transformer(net, dst: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write an SD3/FLUX transformer as one safetensors file, under its diffusers names, atomically.
+
+    ComfyUI's "Load Diffusion Model" node (models/diffusion_models/) reads this layout: it recognises diffusers
+    MMDiT names (SD3's `transformer_blocks.*.attn.add_q_proj`, FLUX's `x_embedder`) and maps them to its own,
+    so no hand-written key map is needed here. The text encoders and VAE are not in it: ESD leaves them as they
+    were, and ComfyUI loads them from their own files. `dtype` casts the floating tensors (the base's dtype).
+    """
+    from safetensors.torch import save_file
+
+    dst = Path(dst)
+    if dst.suffix != ".safetensors":
+        raise EsdError(f"{dst}: an SD3/FLUX transformer is written as .safetensors (ComfyUI's diffusion-model "
+                       "files); choose a name ending in .safetensors")
+    state = {k: (v.to("cpu", dtype) if dtype is not None and v.is_floating_point() else v.to("cpu")).contiguous()
+             for k, v in _unshare(net.state_dict()).items()}
+    with atomic_path(dst) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt", "esd_layout": "diffusers-transformer"})
+    return dst
+
+
+def stored_dtype(where: Path) -> torch.dtype | None:
+    """The floating dtype a diffusers model folder (or one safetensors file) stores its weights in (FLUX and SD3.5
+    ship bf16), or None."""
+    from safetensors import safe_open
+
+    files = sorted(where.glob("*.safetensors")) if where.is_dir() else [where] if where.suffix == ".safetensors" else []
+    for path in files:
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():
+                dtype = f.get_slice(key).get_dtype()
+                if dtype in ("BF16", "F16", "F32"):
+                    return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[dtype]
+    return None
+
+
 # ---------------------------------------------------------------------------------- convert
 
 
@@ -160,20 +197,24 @@ def _load_source(src: Path, config: str | Path | None, dtype: torch.dtype):
             raise EsdError(f"{src}: not a diffusers pipeline folder (no model_index.json)")
         dtype_kwargs = {} if dtype == torch.float32 else {"dtype": dtype}
         return DiffusionPipeline.from_pretrained(str(src), local_files_only=True, **dtype_kwargs), None
-    base = read_checkpoint(src)
+    base = read_checkpoint(src, transformers=True)
+    if transformer_family(base) is not None:  # SD3/FLUX: the rest of the pipeline from --config
+        from esd.compvis.transformer_files import load_transformer_file
+
+        return load_transformer_file(src, base, transformer_family(base), config and str(config), dtype), None
     state_dict = use_ema_weights(base, src)
     config_dir, original_config = resolve_config(None, config, state_dict, src)
     return pipeline_from_state_dict(state_dict, config_dir, original_config, dtype, name=src), base
 
 
 def _target(dst: Path, to: str | None) -> str:
-    if to is None:
-        to = "compvis" if dst.suffix in COMPVIS_SUFFIXES else "diffusers"
+    if to is None:  # a file: one file in the layout ComfyUI reads (CompVis for SD; see `convert`)
+        to = "comfyui" if dst.suffix in COMPVIS_SUFFIXES else "diffusers"
     if to not in TO_CHOICES:
         raise EsdError(f"--to {to}: choose from {', '.join(TO_CHOICES)}")
-    if to == "compvis" and dst.suffix not in COMPVIS_SUFFIXES:
-        raise EsdError(f"{dst}: a CompVis file must end in .safetensors or .ckpt")
-    if to != "compvis" and dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+    if to in ("compvis", "comfyui") and dst.suffix not in COMPVIS_SUFFIXES:
+        raise EsdError(f"{dst}: a single file must end in .safetensors or .ckpt")
+    if to not in ("compvis", "comfyui") and dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise EsdError(f"{dst}: exists and is not an empty folder; choose a new output folder")
     return to
 
@@ -195,9 +236,11 @@ def convert(src: str | Path, dst: str | Path, weights: str | Path | None = None,
             config: str | Path | None = None, torch_dtype: torch.dtype = torch.float32) -> Path:
     """Convert SRC (CompVis file or diffusers folder), optionally with ESD weights applied, to DST.
 
-    to: 'compvis' (default when DST ends in .safetensors/.ckpt), 'diffusers' (a pipeline folder) or
-    'diffusers-unet' (the UNet folder only; an SD3/FLUX transformer's). A CompVis -> CompVis conversion keeps every tensor of
-    SRC and replaces only the UNet. Nothing is written unless everything succeeded.
+    to: 'comfyui' (default when DST ends in .safetensors/.ckpt: one file in the layout ComfyUI reads — for
+    SD1.x/SD2.x/SDXL the CompVis checkpoint, for SD3/FLUX the transformer, see `write_transformer`), 'compvis'
+    (SD only), 'diffusers' (a pipeline folder) or 'diffusers-unet' (the UNet folder only; an SD3/FLUX
+    transformer's). A CompVis -> CompVis conversion keeps every tensor of SRC and replaces only the UNet.
+    Nothing is written unless everything succeeded.
     """
     src, dst = Path(src), Path(dst)
     target = _target(dst, to)
@@ -207,14 +250,16 @@ def convert(src: str | Path, dst: str | Path, weights: str | Path | None = None,
     net = network(pipe)
     if target == "compvis" and is_transformer(net):
         raise EsdError(f"--to compvis: {src} is a {type(pipe).__name__}, which has no CompVis (LDM) layout; "
-                       "convert it to a diffusers folder (--to diffusers) instead")
+                       "use --to comfyui (the transformer as ComfyUI reads it) or --to diffusers")
     text_encoder = weights is not None and has_text_encoder_delta(weights)
     if text_encoder and target == "diffusers-unet":
         raise EsdError(f"--weights {weights} also changes the text encoder, which a UNet folder cannot hold; "
                        "convert to a pipeline (--to diffusers) or a CompVis file instead")
     if weights is not None:
         apply_esd_weights(pipe, weights)  # a LoRA file is merged into the weights
-    if target == "compvis":
+    if target == "comfyui" and is_transformer(net):
+        write_transformer(net, dst, stored_dtype(src / "transformer") if src.is_dir() else stored_dtype(src))
+    elif target in ("compvis", "comfyui"):
         write_pipeline(pipe, dst, base, text_encoder=text_encoder)
     elif target == "diffusers":
         _save_folder(pipe, dst)
