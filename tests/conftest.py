@@ -34,7 +34,8 @@ def saved(tmp_path_factory):
     from esd import tiny
 
     builders = {"sd2-v": tiny.tiny_sd2_pipeline, "sdxl": tiny.tiny_sdxl_pipeline, "sd3": tiny.tiny_sd3_pipeline,
-                "flux": tiny.tiny_flux_pipeline, "flux-schnell": lambda: tiny.tiny_flux_pipeline(guidance_embeds=False)}
+                "flux": tiny.tiny_flux_pipeline, "flux-schnell": lambda: tiny.tiny_flux_pipeline(guidance_embeds=False),
+                "flux2": tiny.tiny_flux2_pipeline, "flux2-distilled": lambda: tiny.tiny_flux2_pipeline(distilled=True)}
     cache = {}
 
     def get(name: str):

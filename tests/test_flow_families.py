@@ -17,22 +17,27 @@ from safetensors import safe_open
 from esd.cli import main
 from esd.config import EraseConfig
 from esd.loss import esd_target
-from esd.models import describe_model, encode_prompt, model_family, prediction_type
+from esd.models import describe_model, encode_prompt, model_family, prediction_type, samples_without_cfg
 from esd.networks import forward, network
 from esd.sampling import ddim_scheduler, ddim_states, step_timestep, unet_denoiser
 from esd.selection import TRANSFORMER_RULES, trainable_names
-from esd.tiny import tiny_flux_pipeline, tiny_sd3_pipeline
+from esd.tiny import tiny_flux2_pipeline, tiny_flux_pipeline, tiny_sd3_pipeline
 
 BUILDERS = {"sd3": tiny_sd3_pipeline, "flux": tiny_flux_pipeline,
-            "flux-schnell": lambda: tiny_flux_pipeline(guidance_embeds=False)}
+            "flux-schnell": lambda: tiny_flux_pipeline(guidance_embeds=False), "flux2": tiny_flux2_pipeline,
+            "flux2-distilled": lambda: tiny_flux2_pipeline(distilled=True)}
 
 
 def test_family_and_output_are_detected():
-    sd3, flux = tiny_sd3_pipeline(), tiny_flux_pipeline()
-    assert (model_family(sd3), model_family(flux)) == ("sd3", "flux")
-    assert prediction_type(sd3) == prediction_type(flux) == "flow"
+    sd3, flux, flux2 = tiny_sd3_pipeline(), tiny_flux_pipeline(), tiny_flux2_pipeline()
+    assert (model_family(sd3), model_family(flux), model_family(flux2)) == ("sd3", "flux", "flux2")
+    assert prediction_type(sd3) == prediction_type(flux) == prediction_type(flux2) == "flow"
     assert describe_model(sd3, 64).startswith("SD3/SD3.5 (StableDiffusion3Pipeline), flow matching")
     assert describe_model(flux, 64).startswith("FLUX.1 (FluxPipeline)")
+    assert describe_model(flux2, 64).startswith("FLUX.2 (Flux2KleinPipeline)")
+    # x_t is sampled as each pipeline samples: SD3 and klein base with true CFG, FLUX.1 and distilled klein without
+    assert [samples_without_cfg(p) for p in (sd3, flux, tiny_flux_pipeline(guidance_embeds=False), flux2,
+                                             tiny_flux2_pipeline(distilled=True))] == [False, True, True, False, True]
 
 
 def test_eq5_in_velocity_space_is_the_epsilon_target():
@@ -88,17 +93,39 @@ def test_flux_forward_and_sampler_match_the_pipeline():
     assert not torch.allclose(forward(network(pipe), z, t, cond), forward(network(pipe), z, t, other))
 
 
+@torch.no_grad()
+def test_flux2_forward_and_sampler_match_the_pipeline():
+    """FLUX.2 klein: the latent's 2x2 patches as 128 channels in the pipeline's order, 4-axis position ids, σ as
+    the timestep, true CFG with "" and the empirical shift by image size and number of steps."""
+    from diffusers import Flux2KleinPipeline
+
+    pipe = tiny_flux2_pipeline()
+    n, guidance = 4, 4.0
+    z = torch.randn(1, 32, 16, 16, generator=torch.Generator().manual_seed(3))  # the VAE latent of 64 px
+    patched = Flux2KleinPipeline._patchify_latents(z)
+    theirs = pipe(prompt="a red circle", latents=patched.clone(), num_inference_steps=n, guidance_scale=guidance,
+                  height=64, width=64, output_type="latent").images
+    scheduler = ddim_scheduler(pipe.scheduler.config, n, image_seq_len=64, empirical_mu=True)
+    eps = unet_denoiser(network(pipe))
+    cond, null = encode_prompt(pipe, "a red circle"), encode_prompt(pipe, "")
+    states = list(ddim_states(eps, scheduler, z, cond, null, guidance))
+    v = eps(torch.cat([states[-1]] * 2), scheduler.timesteps[-1].expand(2), _cat(null, cond)).chunk(2)
+    last = states[-1] + (0 - scheduler.sigmas[-2]) * (v[0] + guidance * (v[1] - v[0]))
+    # output_type="latent" gives the VAE latent back, unpacked and unpatchified by the pipeline itself
+    torch.testing.assert_close(last, theirs, rtol=1e-4, atol=1e-5)
+
+
 def _cat(a, b):
     from esd.sampling import Cond
 
     return Cond.cat(a, b)
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "flux2"])
 def test_training_timesteps_lie_in_their_steps_band_of_sigmas(family):
     pipe = BUILDERS[family]()
     n = 6
-    scheduler = ddim_scheduler(pipe.scheduler.config, n, image_seq_len=16)
+    scheduler = ddim_scheduler(pipe.scheduler.config, n, image_seq_len=16, empirical_mu=family == "flux2")
     levels = scheduler.sigmas[:-1].flip(0).tolist()  # step k's own noise level, ascending in k
     g = torch.Generator().manual_seed(0)
     for k in range(n):
@@ -108,7 +135,7 @@ def test_training_timesteps_lie_in_their_steps_band_of_sigmas(family):
     assert abs(levels[-1] - 1.0) < 1e-6  # the noisiest step is pure noise
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "flux2"])
 def test_parameter_sets_by_role(family):
     net = network(BUILDERS[family]())
     names = {m: set(trainable_names(net, m)) for m in TRANSFORMER_RULES}
@@ -119,9 +146,10 @@ def test_parameter_sets_by_role(family):
                for n in names["selfattn"])
     assert not names["xattn"] & names["noxattn"] and not names["xattn"] & names["selfattn"]
     assert not any(n.startswith("single_transformer_blocks.") for n in names["xattn"] | names["selfattn"])
-    assert not any(n.startswith(("time_text_embed.", "context_embedder.", "proj_out.")) for n in names["noxattn"])
+    assert not any(n.startswith(("time_text_embed.", "time_guidance_embed.", "context_embedder.", "proj_out."))
+                   for n in names["noxattn"])
     assert names["full"] == {n for n, _ in net.named_parameters()}
-    if family == "flux":
+    if family.startswith("flux"):
         assert any(n.startswith("single_transformer_blocks.") for n in names["noxattn"])
 
 
@@ -133,7 +161,8 @@ def _erase(tmp_path, model, *extra) -> int:
 
 @pytest.mark.parametrize("family,method,extra", [
     ("sd3", "xattn", []), ("sd3", "full", ["--sample-from", "frozen"]), ("flux", "xattn", []),
-    ("flux", "noxattn", ["--erase-from", "a circle"]), ("flux-schnell", "x-strict", []),
+    ("flux", "noxattn", ["--erase-from", "a circle"]), ("flux-schnell", "x-strict", []), ("flux2", "xattn", []),
+    ("flux2-distilled", "noxattn", []),
 ])
 def test_erase_and_generate_through_the_cli(tmp_path, saved, family, method, extra):
     model = saved(family)
@@ -182,7 +211,7 @@ def _lora_family_model(family, saved, tiny_pipe_dir):
     return tiny_pipe_dir if family == "sd1" else saved(family)
 
 
-@pytest.mark.parametrize("family", ["sd1", "sd3", "flux"])
+@pytest.mark.parametrize("family", ["sd1", "sd3", "flux", "flux2"])
 def test_lora_erase_is_a_file_diffusers_loads_and_convert_merges(tmp_path, saved, tiny_pipe_dir, family):
     from diffusers import DiffusionPipeline
     from torch import nn
@@ -253,18 +282,25 @@ def test_convert_writes_the_erased_transformer_as_comfyui_reads_it(tmp_path, sav
     assert main(["convert", str(base), str(tmp_path / "x.safetensors"), "--to", "compvis"]) == 2
 
 
+def test_no_comfyui_file_for_a_transformer_comfyui_does_not_map(tmp_path, saved, capsys):
+    assert main(["convert", str(saved("flux2")), str(tmp_path / "x.safetensors")]) == 2
+    assert "covers SD3 and FLUX.1" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
+
+
 def test_lora_rank_below_one_exits_2(tmp_path, saved, capsys):
     assert _erase(tmp_path, saved("sd3"), "--lora-rank", "0") == 2
     assert "--lora-rank must be >= 1" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "flux2"])
 def test_a_transformer_single_file_erases_with_the_rest_from_config(tmp_path, saved, capsys, family):
     """A transformer file (as ComfyUI and the release files hold it) with --config naming the pipeline for the
     rest erases exactly as the pipeline folder itself; without --config, or with another family's, exit 2."""
+    from safetensors.torch import save_file
+
     folder = saved(family)
     single = tmp_path / f"{family}.safetensors"
-    assert main(["convert", str(folder), str(single)]) == 0
+    save_file({k: v.contiguous() for k, v in network(BUILDERS[family]()).state_dict().items()}, str(single))
     runs = {}
     for name, model in (("folder", [str(folder)]), ("file", [str(single), "--config", str(folder)])):
         assert main(["erase", "--model", *model, "--concept", "a red circle", "--iterations", "2", "--ddim-steps",

@@ -47,7 +47,6 @@ from esd.models import (
     default_image_size,
     describe_model,
     encode_prompt,
-    flux_guidance_distilled,
     load_pipeline,
     model_family,
     model_notes,
@@ -55,6 +54,7 @@ from esd.models import (
     prediction_type,
     recommended_settings,
     resolve_device,
+    samples_without_cfg,
     save_esd_weights,
 )
 from esd.networks import is_transformer, network
@@ -135,11 +135,11 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 def auto_precision(family: str) -> str:
     """`--precision auto`: the frozen weights' dtype for a model family.
 
-    SD3/SD3.5 and FLUX are run in bf16 by their makers (and by diffusers' examples): fp32 would double the
+    SD3/SD3.5 and FLUX.1/FLUX.2 are run in bf16 by their makers (and by diffusers' examples): fp32 would double the
     frozen weights' memory without adding precision they were trained to use. SD1.x/SD2.x/SDXL keep fp32, the
     paper's setting.
     """
-    return "bf16" if family in ("sd3", "flux") else "fp32"
+    return "bf16" if family in ("sd3", "flux", "flux2") else "fp32"
 
 
 def prepare_unet(cfg: EraseConfig, unet, device: torch.device):
@@ -190,7 +190,7 @@ class Setup:
     conds: dict[str, Cond]  # text conditioning, once per prompt (the text encoder is frozen)
     size: int  # image side in pixels
     applied: dict  # settings taken from the model folder's esd.json
-    guidance: float  # the sampler's CFG scale: --start-guidance, or 1 where the network takes it as an input (FLUX-dev)
+    guidance: float  # the sampler's CFG scale: --start-guidance, or 1 where the pipeline samples without CFG (FLUX)
     text: TextConds | None = None  # the encoder as trained (--train-text-encoder) or prefixed (--robust)
 
     @property
@@ -233,7 +233,7 @@ def setup(cfg: EraseConfig, pipe, explicit: set[str] | None, progress: bool) -> 
     if cfg.precision == "auto":
         cfg = dataclasses.replace(cfg, precision=auto_precision(family))
     half = cfg.precision != "fp32"
-    if cfg.save_compvis and family in ("sd3", "flux"):
+    if cfg.save_compvis and family in ("sd3", "flux", "flux2"):
         raise EsdError(f"--save-compvis: no CompVis layout for {family.upper()}; leave the flag out and, for "
                        "ComfyUI, write the erased transformer afterwards with `esd convert MODEL out.safetensors "
                        "--weights OUTPUT/esd.safetensors`")
@@ -249,17 +249,18 @@ def setup(cfg: EraseConfig, pipe, explicit: set[str] | None, progress: bool) -> 
         params = {**params, **text_encoder_params(pipe.text_encoder)}
     size = cfg.image_size or default_image_size(pipe)
     side = size // pipe.vae_scale_factor
-    if family == "flux" and side % 2:
+    if family in ("flux", "flux2") and side % 2:
         raise EsdError(f"--image-size {size}: FLUX takes 2x2 patches of the latent, so the side must be a multiple "
                        f"of {2 * pipe.vae_scale_factor}")
-    distilled = flux_guidance_distilled(pipe)
+    one_prediction = samples_without_cfg(pipe)
     if progress:  # say which adapter runs: the family decides text encoding, size ids and the output's meaning
         tqdm.write(f"base model: {describe_model(pipe, size)}")
     conds = {p: encode_prompt(pipe, p, size, guidance=cfg.start_guidance) for p in prompts_needed(cfg)}
     if device.type != "cpu" and not (cfg.robust or cfg.train_text_encoder):  # every prompt is encoded: the text
         move_text_encoders(pipe, "cpu")  # encoders make room for training
-    scheduler = ddim_scheduler(pipe.scheduler, cfg.ddim_steps, image_seq_len=(side // 2) ** 2)
-    guidance = 1.0 if distilled else cfg.start_guidance  # FLUX-dev: the scale is in the conditioning instead
+    scheduler = ddim_scheduler(pipe.scheduler, cfg.ddim_steps, image_seq_len=(side // 2) ** 2,
+                               empirical_mu=family == "flux2")
+    guidance = 1.0 if one_prediction else cfg.start_guidance  # x_t as the pipeline samples: FLUX without CFG
     text = TextConds(pipe, cfg.train_text_encoder) if cfg.robust or cfg.train_text_encoder else None
     if cfg.robust and not cfg.retain and progress:
         tqdm.write("--robust without --retain: nothing holds the rest of the model while the adversary pushes the "

@@ -151,7 +151,8 @@ def is_sdxl(pipe) -> bool:
     return getattr(pipe, "text_encoder_2", None) is not None and hasattr(pipe, "_get_add_time_ids")
 
 
-FAMILY_LABELS = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "sd3": "SD3/SD3.5", "flux": "FLUX.1"}
+FAMILY_LABELS = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "sd3": "SD3/SD3.5", "flux": "FLUX.1",
+                 "flux2": "FLUX.2"}
 PREDICTION_LABELS = {"epsilon": "ε-prediction", "v_prediction": "v-prediction", "sample": "x0-prediction",
                      "flow": "flow matching (velocity)"}
 
@@ -199,8 +200,19 @@ def default_image_size(pipe) -> int:
 
 
 def flux_guidance_distilled(pipe) -> bool:
-    """FLUX.1-dev takes the guidance scale as an input instead of running two predictions (schnell: neither)."""
-    return model_family(pipe) == "flux" and bool(network(pipe).config.guidance_embeds)
+    """FLUX.1-dev and FLUX.2-dev take the guidance scale as an input instead of running two predictions."""
+    return model_family(pipe) in ("flux", "flux2") and bool(network(pipe).config.guidance_embeds)
+
+
+def samples_without_cfg(pipe) -> bool:
+    """Whether the pipeline samples with one prediction per step, without classifier-free guidance: FLUX.1 (dev
+    takes the scale as an input, schnell was step-distilled; FluxPipeline's true CFG is off by default),
+    FLUX.2-dev (a guidance input) and the step-distilled FLUX.2 klein. The klein base model runs true CFG
+    with "" as the negative prompt, as SD3 does."""
+    family = model_family(pipe)
+    if family == "flux":
+        return True
+    return family == "flux2" and (flux_guidance_distilled(pipe) or bool(pipe.config.get("is_distilled", False)))
 
 
 def model_notes(pipe) -> dict:
@@ -278,7 +290,8 @@ def encode_prompt(pipe, text: str, image_size: int | None = None, guidance: floa
     SD3: the joint CLIP-L + CLIP-G (+ T5) sequence and the pooled CLIP vector; "" is its unconditional input, as
     its pipeline's negative prompt. FLUX: the T5 sequence and pooled CLIP-L vector, plus `guidance` (the
     guidance scale FLUX.1-dev takes as an input; for it ε*(x, ∅) is "" at the same guidance, a prediction the
-    model can make, where true classifier-free guidance was distilled away).
+    model can make, where true classifier-free guidance was distilled away). FLUX.2: the text encoder's stacked
+    hidden states (no pooled vector), plus `guidance` where the checkpoint takes it (FLUX.2-dev; klein does not).
     """
     device = network(pipe).device
     family = model_family(pipe)
@@ -286,6 +299,12 @@ def encode_prompt(pipe, text: str, image_size: int | None = None, guidance: floa
         embeds, _, pooled, _ = pipe.encode_prompt(text, None, None, device=device, num_images_per_prompt=1,
                                                   do_classifier_free_guidance=False)
         return Cond(embeds, {"pooled_projections": pooled})
+    if family == "flux2":  # one sequence (stacked hidden states of the Qwen3 / Mistral encoder), no pooled vector
+        embeds, _ = pipe.encode_prompt(text, device=device, num_images_per_prompt=1)
+        added = {}
+        if flux_guidance_distilled(pipe):
+            added["guidance"] = torch.full((1,), 4.0 if guidance is None else guidance, device=device)
+        return Cond(embeds, added)
     if family == "flux":
         embeds, pooled, _ = pipe.encode_prompt(text, None, device=device, num_images_per_prompt=1)
         added = {"pooled_projections": pooled}

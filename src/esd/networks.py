@@ -1,6 +1,6 @@
 """The denoising network of each family, called one way (docs/design.md, "Model families").
 
-SD1.x/SD2.x/SDXL denoise with a UNet (`pipe.unet`), SD3/SD3.5 and FLUX.1 with a transformer
+SD1.x/SD2.x/SDXL denoise with a UNet (`pipe.unet`), SD3/SD3.5, FLUX.1 and FLUX.2 with a transformer
 (`pipe.transformer`). `forward(net, x, t, cond)` gives the network's native prediction for latents
 x of shape (B, C, h, w) in every family: ε (or v) for the UNets, the flow-matching velocity for the
 transformers. The trainer, the frozen model ε* and the samplers only ever call this, so they are the
@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     from esd.sampling import Cond
 
 # Family of a network class, by class name (importing diffusers' transformer classes is slow and optional).
-TRANSFORMER_FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
+TRANSFORMER_FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux",
+                        "Flux2Transformer2DModel": "flux2"}
 
 
 def network(pipe) -> nn.Module:
@@ -49,6 +50,8 @@ def forward(net: nn.Module, x: Tensor, t: Tensor, cond: Cond, params: dict[str, 
     if kind is None:  # a UNet
         added = {"added_cond_kwargs": cond.added} if cond.added else {}
         return call(sample=x, timestep=t, encoder_hidden_states=text, **added).sample
+    if kind == "flux2":
+        return _flux2_forward(net, call, x, t, cond, text)
     pooled = cond.added["pooled_projections"].to(x.dtype)
     if kind == "sd3":
         return call(hidden_states=x, timestep=t, encoder_hidden_states=text, pooled_projections=pooled).sample
@@ -73,3 +76,21 @@ def flux_image_ids(rows: int, cols: int) -> Tensor:
     """FLUX's image position ids: (rows·cols, 3) holding (0, row, column) of each patch, row-major."""
     grid = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), dim=-1)
     return torch.cat([torch.zeros(rows, cols, 1), grid.float()], dim=-1).reshape(rows * cols, 3)
+
+
+def _flux2_forward(net, call, x: Tensor, t: Tensor, cond: Cond, text: Tensor) -> Tensor:
+    """FLUX.2 works on the VAE latent's 2x2 patches as channels (32 -> 128, in Flux2Pipeline's order), one token
+    per patch, with 4-axis position ids (t, h, w, l): (0, row, column, 0) for the image, (0, 0, 0, i) for text
+    token i. No pooled text; σ instead of σ·1000; the guidance scale as an input only where the checkpoint is
+    guidance-distilled (FLUX.2-dev; klein has none)."""
+    b, c, h, w = x.shape
+    rows, cols = h // 2, w // 2
+    patches = x.view(b, c, rows, 2, cols, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, c * 4, rows * cols)
+    img_ids = torch.cartesian_prod(torch.arange(1), torch.arange(rows), torch.arange(cols), torch.arange(1))
+    txt_ids = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(text.shape[1]))
+    guidance = cond.added.get("guidance") if net.config.guidance_embeds else None
+    out = call(hidden_states=patches.transpose(1, 2), timestep=t.to(x.dtype) / 1000, guidance=guidance,
+               encoder_hidden_states=text, txt_ids=txt_ids.expand(b, -1, -1).to(x.device),
+               img_ids=img_ids.expand(b, -1, -1).to(x.device)).sample
+    out = out.transpose(1, 2).reshape(b, c, 2, 2, rows, cols)
+    return out.permute(0, 1, 4, 2, 5, 3).reshape(b, c, h, w)

@@ -85,10 +85,12 @@ def guided(eps: Denoiser, x: Tensor, t: Tensor, cond: Cond, uncond: Cond, scale:
     return e_uncond + scale * (e_cond - e_uncond)
 
 
-def ddim_scheduler(config, num_steps: int, image_seq_len: int | None = None):  # config: or the scheduler
+def ddim_scheduler(config, num_steps: int, image_seq_len: int | None = None,
+                   empirical_mu: bool = False):  # config: or the scheduler
     """A private deterministic DDIM scheduler (η_DDIM = 0) with `num_steps` steps; for a flow-matching model
     (SD3, FLUX) its own Euler scheduler's grid of `num_steps` sigmas, with the shift the pipeline uses
-    (FLUX shifts by image size: `image_seq_len`, the number of 2x2 latent patches)."""
+    (FLUX shifts by image size: `image_seq_len`, the number of 2x2 latent patches; FLUX.2's pipelines by image
+    size and number of steps, `empirical_mu`)."""
     flow = is_flow(config)
     config = getattr(config, "config", config)  # a scheduler may be given instead of its config
     if flow:
@@ -96,7 +98,11 @@ def ddim_scheduler(config, num_steps: int, image_seq_len: int | None = None):  #
 
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
         mu = None
-        if scheduler.config.get("use_dynamic_shifting", False):
+        if scheduler.config.get("use_dynamic_shifting", False) and empirical_mu:
+            from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+
+            mu = compute_empirical_mu(image_seq_len or 256, num_steps)
+        elif scheduler.config.get("use_dynamic_shifting", False):
             from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
             mu = calculate_shift(image_seq_len or 256, scheduler.config.get("base_image_seq_len", 256),

@@ -5,7 +5,7 @@ Rules are written on diffusers UNet parameter names, by module role: `attn2` is 
 modules embed the timestep (and SDXL's pooled text + size ids); `conv_norm_out`/`conv_out` are the
 output head. The same rules therefore hold for SD1.x, SD2.x and SDXL UNets.
 
-SD3/SD3.5 (MMDiT) and FLUX.1 transformers have no cross-attention: text and image are two token streams
+SD3/SD3.5 (MMDiT), FLUX.1 and FLUX.2 transformers have no cross-attention: text and image are two token streams
 that meet in one *joint* attention per block, each stream with its own projections. Text enters the
 image stream only as the keys and values the image queries attend to, made by the text-side projections
 (`add_k_proj`, `add_v_proj`; `add_q_proj` and `to_add_out` carry the text stream on to the next block).
@@ -15,6 +15,10 @@ exact counterpart of ESD-x-strict's `to_k`/`to_v` of attn2; selfattn = the image
 joint attention (`to_q/k/v`, `to_out`) and SD3.5's image-only `attn2`. FLUX's single-stream blocks run one
 attention over the concatenated text and image tokens with shared projections: no part of them is
 text-only or image-only, so xattn, x-strict and selfattn leave them out; noxattn and full train them.
+FLUX.2 names its dual-stream attention as FLUX.1 does (the same rules select the same roles); its single-stream
+blocks fuse q, k, v and the MLP into one projection (`to_qkv_mlp_proj`), shared by both streams as in FLUX.1,
+and its adaLN modulations are shared by all blocks (`double_stream_modulation_*`, `single_stream_modulation`,
+trained by noxattn as FLUX.1's per-block `norm1.linear` are).
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ RULES: dict[str, Callable[[str], bool]] = {
 
 
 # Transformers (SD3, FLUX): top-level embedders of time/guidance/pooled text and of the text sequence, and the head.
-T_TIME = {"time_text_embed"}
+T_TIME = {"time_text_embed", "time_guidance_embed"}  # FLUX.2's embeds time (and guidance) without pooled text
 T_TEXT_IN = {"context_embedder"}
 T_HEAD = {"norm_out", "proj_out"}
 _TEXT_SIDE = (".attn.add_q_proj.", ".attn.add_k_proj.", ".attn.add_v_proj.", ".attn.to_add_out.",

@@ -225,3 +225,45 @@ def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
                         text_encoder_2=tiny_t5_encoder(), tokenizer_2=t5_tokenizer())
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_qwen3_encoder(vocab_size: int):
+    """A Qwen3 causal LM 16 wide with 27 layers: FLUX.2 klein's pipeline stacks the hidden states of layers
+    9, 18 and 27 as its text embedding (3 x 16 = 48 wide here)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=27,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=512)
+    return Qwen3ForCausalLM(config).eval()
+
+
+def tiny_flux2_pipeline(seed: int = 0, distilled: bool = False):
+    """A FLUX.2 [klein]-layout pipeline (Flux2Transformer2DModel: double- and single-stream blocks, 4-axis
+    position ids; a Qwen3 text encoder; the FLUX.2 VAE with 32 latent channels taken as 2x2 patches; flow
+    matching with the pipeline's empirical shift), 64x64 px images, random weights. `distilled`: the
+    step-distilled klein (no classifier-free guidance) instead of the base model."""
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+
+    from esd.tokenizer import qwen_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = qwen_tokenizer()
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=128, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=48, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
+    )
+    vae = AutoencoderKLFlux2(block_out_channels=(8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 3,
+                             up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=32, norm_num_groups=4,
+                             layers_per_block=1, sample_size=64)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096,
+                                                time_shift_type="exponential")
+    pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=tiny_qwen3_encoder(len(tokenizer)),
+                              tokenizer=tokenizer, transformer=transformer, is_distilled=distilled)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

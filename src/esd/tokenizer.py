@@ -85,3 +85,25 @@ def t5_tokenizer(max_length: int = 512):
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
                            extra_ids=0, model_max_length=max_length)
+
+
+# A chat template of Qwen's form, enough for a pipeline that wraps the prompt as one user turn (FLUX.2 klein).
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def qwen_tokenizer(max_length: int = 512):
+    """A Qwen2-style byte-level BPE tokenizer built offline with the `tokenizers` library, for tiny test pipelines
+    (FLUX.2 klein's text encoder is Qwen3): the 256 byte symbols and no merges (every byte its own token), Qwen's
+    special tokens and a chat template of its form — Qwen's conventions with a vocabulary of 259, not 151,646."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import Qwen2TokenizerFast
+
+    vocab = {symbol: i for i, symbol in enumerate(bytes_to_unicode().values())}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    out = Qwen2TokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
+                             bos_token=None, model_max_length=max_length, additional_special_tokens=["<|im_start|>"])
+    out.chat_template = CHAT_TEMPLATE
+    return out

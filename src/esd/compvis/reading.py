@@ -127,7 +127,8 @@ def read_checkpoint(path: str | Path, transformers: bool = False) -> dict[str, T
     if transformer is not None and transformers:
         return tensors
     if transformer is not None:
-        example = "black-forest-labs/FLUX.1-dev" if transformer == "FLUX.1" else "stabilityai/stable-diffusion-3.5-medium"
+        example = {"FLUX.1": "black-forest-labs/FLUX.1-dev", "FLUX.2": "black-forest-labs/FLUX.2-dev"}.get(
+            transformer, "stabilityai/stable-diffusion-3.5-medium")
         raise EsdError(f"{path}: a {transformer} transformer file, not a CompVis checkpoint; load it as --model "
                        f"with --config naming its pipeline (e.g. {example}), or pass the pipeline itself")
     if not any(k.startswith((UNET_PREFIX, EMA_PREFIX)) for k in tensors):
@@ -143,10 +144,12 @@ def read_checkpoint(path: str | Path, transformers: bool = False) -> dict[str, T
 
 
 def transformer_family(tensors: dict) -> str | None:
-    """'SD3/SD3.5' or 'FLUX.1' when the tensors are such a transformer, in the original (Stability's
+    """'SD3/SD3.5', 'FLUX.1' or 'FLUX.2' when the tensors are such a transformer, in the original (Stability's
     `joint_blocks`, Black Forest Labs' `double_blocks`, with or without ComfyUI's `model.diffusion_model.`
     prefix) or diffusers' naming; None otherwise."""
     names = {k.removeprefix("model.diffusion_model.") for k in tensors}
+    if any(n.startswith(("single_stream_modulation.", "double_stream_modulation_")) for n in names):
+        return "FLUX.2"  # its modulations are shared by all blocks (both namings)
     if any(n.startswith(("double_blocks.", "single_blocks.", "single_transformer_blocks.")) for n in names):
         return "FLUX.1"
     if any(n.startswith("joint_blocks.") for n in names) or any(".attn.add_k_proj." in n for n in names):

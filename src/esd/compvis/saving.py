@@ -36,6 +36,8 @@ from esd.weights import apply_esd_weights, atomic_path, has_text_encoder_delta
 log = logging.getLogger(__name__)
 
 TO_CHOICES = ("compvis", "comfyui", "diffusers", "diffusers-unet")
+# Transformers whose diffusers names ComfyUI's "Load Diffusion Model" maps itself (comfy.model_detection).
+COMFYUI_TRANSFORMERS = ("SD3Transformer2DModel", "FluxTransformer2DModel")
 
 
 # ------------------------------------------------------------------------------------ saving
@@ -257,6 +259,10 @@ def convert(src: str | Path, dst: str | Path, weights: str | Path | None = None,
                        "convert to a pipeline (--to diffusers) or a CompVis file instead")
     if weights is not None:
         apply_esd_weights(pipe, weights)  # a LoRA file is merged into the weights
+    if target == "comfyui" and type(net).__name__ not in COMFYUI_TRANSFORMERS and is_transformer(net):
+        raise EsdError(f"--to comfyui: {src} is a {type(pipe).__name__}; ComfyUI's mapping of diffusers "
+                       "transformer names covers SD3 and FLUX.1, not this one, so no such file is written; "
+                       "convert to a diffusers folder (--to diffusers) instead")
     if target == "comfyui" and is_transformer(net):
         write_transformer(net, dst, stored_dtype(src / "transformer") if src.is_dir() else stored_dtype(src))
     elif target in ("compvis", "comfyui"):

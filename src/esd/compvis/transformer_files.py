@@ -1,4 +1,4 @@
-"""SD3/SD3.5 and FLUX.1 single files: the transformer from the file, the rest from a pipeline (`--config`).
+"""SD3/SD3.5, FLUX.1 and FLUX.2 single files: the transformer from the file, the rest from a pipeline (`--config`).
 
 Stability's and Black Forest Labs' release files, community fine-tunes and ComfyUI's `models/diffusion_models/`
 hold the transformer alone: FLUX's text encoders and VAE ship as separate files, SD3.5's text encoders too. So
@@ -19,8 +19,10 @@ from torch import Tensor
 from esd.compvis.reading import first_keys
 from esd.errors import EsdError
 
-TRANSFORMER_CLASSES = {"SD3/SD3.5": "SD3Transformer2DModel", "FLUX.1": "FluxTransformer2DModel"}
-EXAMPLE_PIPELINES = {"SD3/SD3.5": "stabilityai/stable-diffusion-3.5-medium", "FLUX.1": "black-forest-labs/FLUX.1-dev"}
+TRANSFORMER_CLASSES = {"SD3/SD3.5": "SD3Transformer2DModel", "FLUX.1": "FluxTransformer2DModel",
+                       "FLUX.2": "Flux2Transformer2DModel"}
+EXAMPLE_PIPELINES = {"SD3/SD3.5": "stabilityai/stable-diffusion-3.5-medium", "FLUX.1": "black-forest-labs/FLUX.1-dev",
+                     "FLUX.2": "black-forest-labs/FLUX.2-dev"}
 
 
 def _pipeline_index(config: str, path: Path, family: str) -> dict:
