@@ -250,6 +250,16 @@ def test_lora_erase_is_a_file_diffusers_loads_and_convert_merges(tmp_path, saved
     for name in moved:
         torch.testing.assert_close(merged[name], mine[name])
 
+    images = {}  # generate merges the LoRA file: the same image as the merged folder, another than the base's
+    for name, args in (("lora", [str(model), "--weights", str(path)]), ("merged", [str(tmp_path / "merged")]),
+                       ("base", [str(model)])):
+        assert main(["generate", "--model", *args, "--prompt", "a red circle", "--steps", "2", "--image-size", "64",
+                     "--device", "cpu", "--output", str(tmp_path / f"img-{name}")]) == 0
+        (image,) = (tmp_path / f"img-{name}").glob("*.png")
+        images[name] = np.asarray(Image.open(image).convert("RGB"), dtype=np.float32)
+    assert np.abs(images["lora"] - images["merged"]).max() <= 1  # the same weights, up to rounding to 8 bits
+    assert np.abs(images["lora"] - images["base"]).max() > 0
+
 
 @pytest.mark.parametrize("family,comfy_key", [("sd3", "transformer_blocks.0.attn.add_q_proj.weight"),
                                                ("flux", "x_embedder.weight")])
