@@ -305,22 +305,24 @@ def test_lora_rank_below_one_exits_2(tmp_path, saved, capsys):
 @pytest.mark.parametrize("family", ["sd3", "flux", "flux2"])
 def test_a_transformer_single_file_erases_with_the_rest_from_config(tmp_path, saved, capsys, family):
     """A transformer file (as ComfyUI and the release files hold it) with --config naming the pipeline for the
-    rest erases exactly as the pipeline folder itself; without --config, or with another family's, exit 2."""
+    rest loads as the pipeline folder itself and erases through the CLI; without --config, or with another
+    family's, exit 2."""
     from safetensors.torch import save_file
 
     folder = saved(family)
     single = tmp_path / f"{family}.safetensors"
     save_file({k: v.contiguous() for k, v in network(BUILDERS[family]()).state_dict().items()}, str(single))
-    runs = {}
-    for name, model in (("folder", [str(folder)]), ("file", [str(single), "--config", str(folder)])):
-        assert main(["erase", "--model", *model, "--concept", "a red circle", "--iterations", "2", "--ddim-steps",
-                     "2", "--image-size", "64", "--grid-steps", "0", "--device", "cpu", "--lr", "1e-2",
-                     "--output", str(tmp_path / name)]) == 0
-        with safe_open(str(tmp_path / name / "esd.safetensors"), "pt") as f:
-            runs[name] = {k: f.get_tensor(k) for k in f.keys()}
-    assert runs["file"].keys() == runs["folder"].keys()
-    for key, value in runs["folder"].items():
-        torch.testing.assert_close(runs["file"][key], value)
+    from esd.models import load_pipeline
+
+    loaded, own = load_pipeline(str(single), config=str(folder)), load_pipeline(str(folder))
+    assert type(loaded) is type(own) and loaded.esd_source == str(single)
+    mine, theirs = network(loaded).state_dict(), network(own).state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert main(["erase", "--model", str(single), "--config", str(folder), "--concept", "a red circle",
+                 "--iterations", "2", "--ddim-steps", "2", "--image-size", "64", "--grid-steps", "0", "--device",
+                 "cpu", "--lr", "1e-2", "--output", str(tmp_path / "file")]) == 0
+    with safe_open(str(tmp_path / "file" / "esd.safetensors"), "pt") as f:
+        assert set(f.keys()) == set(trainable_names(network(own), "xattn"))
     assert main(["generate", "--model", str(single), "--config", str(folder), "--prompt", "a red circle", "--steps",
                  "2", "--image-size", "64", "--device", "cpu", "--weights", str(tmp_path / "file" / "esd.safetensors"),
                  "--output", str(tmp_path / "images")]) == 0
