@@ -115,6 +115,21 @@ def test_flux2_forward_and_sampler_match_the_pipeline():
     torch.testing.assert_close(last, theirs, rtol=1e-4, atol=1e-5)
 
 
+@torch.no_grad()
+def test_flux2_guidance_input_where_the_checkpoint_takes_one():
+    """FLUX.2-dev's transformer takes the guidance scale as an input (as FLUX.1-dev): the conditioning carries
+    --start-guidance, x_t is sampled with one prediction per step, and another scale is another prediction."""
+    from diffusers import Flux2Transformer2DModel
+
+    pipe = tiny_flux2_pipeline()
+    pipe.transformer = Flux2Transformer2DModel(**{**pipe.transformer.config, "guidance_embeds": True})
+    assert samples_without_cfg(pipe)
+    cond, other = encode_prompt(pipe, "a red circle", guidance=4.0), encode_prompt(pipe, "a red circle", guidance=1.0)
+    assert cond.added["guidance"].item() == 4.0
+    z, t = torch.randn(1, 32, 16, 16), torch.tensor([500.0])
+    assert not torch.allclose(forward(network(pipe), z, t, cond), forward(network(pipe), z, t, other))
+
+
 def _cat(a, b):
     from esd.sampling import Cond
 
