@@ -14,7 +14,6 @@ docs/design.md, "Phrasings and retained prompts". Drawing an example and its los
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
@@ -41,8 +40,7 @@ from esd.distributed import (
 )
 from esd.errors import EsdError, NonFiniteLossError
 from esd.examples import Example, Slot, batch_loss, draw_example, prompts_needed  # noqa: F401  (re-exported)
-from esd.frozen import copied_denoiser, original_values, swapped_denoiser
-from esd.lora import add_lora, exported
+from esd.lora import exported
 from esd.models import (
     default_image_size,
     describe_model,
@@ -57,10 +55,10 @@ from esd.models import (
     samples_without_cfg,
     save_esd_weights,
 )
-from esd.networks import is_transformer, network
-from esd.params import select_parameters
+from esd.networks import TRANSFORMER_FAMILIES, is_transformer, network
+from esd.prepare import PRECISIONS, auto_precision, autocast, prepare_unet  # noqa: F401  (prepare_unet re-exported)
 from esd.robust import Adversary, TextConds, attack_example, first_prefix, placement, text_encoder_params
-from esd.sampling import Cond, Denoiser, ddim_scheduler, unet_denoiser
+from esd.sampling import Cond, Denoiser, ddim_scheduler
 from esd.weights import TEXT_ENCODER
 
 
@@ -129,52 +127,6 @@ def lr_factor(cfg: EraseConfig, step: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(step, cfg.iterations) / cfg.iterations))
 
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def auto_precision(family: str) -> str:
-    """`--precision auto`: the frozen weights' dtype for a model family.
-
-    SD3/SD3.5 and FLUX.1/FLUX.2 are run in bf16 by their makers (and by diffusers' examples): fp32 would double the
-    frozen weights' memory without adding precision they were trained to use. SD1.x/SD2.x/SDXL keep fp32, the
-    paper's setting.
-    """
-    return "bf16" if family in ("sd3", "flux", "flux2") else "fp32"
-
-
-def prepare_unet(cfg: EraseConfig, unet, device: torch.device):
-    """Select θ, build ε* (one UNet by default), cast the frozen part, move to `device`.
-
-    Returns (θ, ε_θ, ε*). The cast happens before the move, so the device never holds an fp32 copy
-    of the frozen weights in bf16/fp16 mode.
-    """
-    unet.eval()  # eval: no dropout; gradients still flow to θ
-    params = add_lora(unet, cfg.method, cfg.lora_rank) if cfg.lora_rank else select_parameters(unet, cfg.method)
-    originals = original_values(params)  # taken before any cast
-    if cfg.precision != "fp32":  # frozen weights in half precision, θ (and so Adam's state) in fp32
-        unet.to(PRECISIONS[cfg.precision])
-        for name, p in params.items():
-            p.data = originals[name].float()
-    unet.to(device)
-    # ε* runs entirely in the frozen dtype: its copy of θ's original values is kept in that dtype too.
-    originals = {name: value.to(device, PRECISIONS[cfg.precision]) for name, value in originals.items()}
-    if cfg.devices:  # the 2023 layout: a full frozen copy, on the second device
-        frozen = copied_denoiser(unet, resolve_device(cfg.devices.split(",")[1]))
-    else:
-        frozen = swapped_denoiser(unet, originals)
-    if cfg.gradient_checkpointing:  # only the one grad forward per iteration pays for it
-        unet.enable_gradient_checkpointing()
-    else:
-        unet.disable_gradient_checkpointing()
-    return params, unet_denoiser(unet), frozen
-
-
-def _autocast(cfg: EraseConfig, device: torch.device):
-    if cfg.precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=PRECISIONS[cfg.precision])
-
-
 @dataclass
 class Setup:
     """Everything the loop needs, prepared once: models, device, scheduler, text conditioning."""
@@ -233,7 +185,7 @@ def setup(cfg: EraseConfig, pipe, explicit: set[str] | None, progress: bool) -> 
     if cfg.precision == "auto":
         cfg = dataclasses.replace(cfg, precision=auto_precision(family))
     half = cfg.precision != "fp32"
-    if cfg.save_compvis and family in ("sd3", "flux", "flux2"):
+    if cfg.save_compvis and family in TRANSFORMER_FAMILIES.values():
         raise EsdError(f"--save-compvis: no CompVis layout for {family.upper()}; leave the flag out and, for "
                        "ComfyUI, write the erased transformer afterwards with `esd convert MODEL out.safetensors "
                        "--weights OUTPUT/esd.safetensors`")
@@ -287,7 +239,7 @@ def erase(cfg: EraseConfig, pipe=None, progress: bool = True,
     progress = progress and d.main
     out = Path(cfg.output or cfg.default_output())
     checkpoint = resume.resume_point(cfg, out, d.main)
-    with _autocast(cfg, device):
+    with autocast(cfg, device):
         before = before_images(pipe, cfg, s.size) if d.main else []  # θ still at its original values
 
     optimizer = torch.optim.Adam(parameter_groups(cfg, params), lr=cfg.lr)
@@ -328,7 +280,7 @@ def erase(cfg: EraseConfig, pipe=None, progress: bool = True,
 
     result.seconds = state.seconds + time.perf_counter() - start
     if d.main:
-        with _autocast(cfg, device):
+        with autocast(cfg, device):
             finish(cfg, pipe, params, result, before, s.size, write_outputs)
     barrier(d)
     return result
@@ -338,7 +290,7 @@ def train_step(s: Setup, state: resume.TrainState, i: int, out: Path) -> tuple[f
     """One iteration: draw the batch, the loss, one Adam step on θ. Returns (the global mean loss, a concept)."""
     cfg, d, params = s.cfg, s.dist, state.params
     sample_conds = s.text if cfg.train_text_encoder and cfg.sample_from == "esd" else None
-    with _autocast(cfg, s.device):
+    with autocast(cfg, s.device):
         batch = [draw_example(cfg, s.conds, s.sampler, s.frozen, s.scheduler, s.latent_shape, slot, s.guidance,
                               sample_conds) for slot in state.slots]
         if cfg.robust:

@@ -200,10 +200,11 @@ def _load_source(src: Path, config: str | Path | None, dtype: torch.dtype):
         dtype_kwargs = {} if dtype == torch.float32 else {"dtype": dtype}
         return DiffusionPipeline.from_pretrained(str(src), local_files_only=True, **dtype_kwargs), None
     base = read_checkpoint(src, transformers=True)
-    if transformer_family(base) is not None:  # SD3/FLUX: the rest of the pipeline from --config
+    family = transformer_family(base)
+    if family is not None:  # SD3/FLUX: the rest of the pipeline from --config
         from esd.compvis.transformer_files import load_transformer_file
 
-        return load_transformer_file(src, base, transformer_family(base), config and str(config), dtype), None
+        return load_transformer_file(src, base, family, config and str(config), dtype), None
     state_dict = use_ema_weights(base, src)
     config_dir, original_config = resolve_config(None, config, state_dict, src)
     return pipeline_from_state_dict(state_dict, config_dir, original_config, dtype, name=src), base
@@ -257,12 +258,12 @@ def convert(src: str | Path, dst: str | Path, weights: str | Path | None = None,
     if text_encoder and target == "diffusers-unet":
         raise EsdError(f"--weights {weights} also changes the text encoder, which a UNet folder cannot hold; "
                        "convert to a pipeline (--to diffusers) or a CompVis file instead")
-    if weights is not None:
-        apply_esd_weights(pipe, weights)  # a LoRA file is merged into the weights
     if target == "comfyui" and type(net).__name__ not in COMFYUI_TRANSFORMERS and is_transformer(net):
         raise EsdError(f"--to comfyui: {src} is a {type(pipe).__name__}; ComfyUI's mapping of diffusers "
                        "transformer names covers SD3 and FLUX.1, not this one, so no such file is written; "
                        "convert to a diffusers folder (--to diffusers) instead")
+    if weights is not None:
+        apply_esd_weights(pipe, weights)  # a LoRA file is merged into the weights
     if target == "comfyui" and is_transformer(net):
         write_transformer(net, dst, stored_dtype(src / "transformer") if src.is_dir() else stored_dtype(src))
     elif target in ("compvis", "comfyui"):

@@ -25,8 +25,8 @@ EXAMPLE_PIPELINES = {"SD3/SD3.5": "stabilityai/stable-diffusion-3.5-medium", "FL
                      "FLUX.2": "black-forest-labs/FLUX.2-dev"}
 
 
-def _pipeline_index(config: str, path: Path, family: str) -> dict:
-    """The `--config` pipeline's model_index.json (a folder offline, or a hub id), checked against the file."""
+def _check_pipeline(config: str, path: Path, family: str) -> None:
+    """The `--config` pipeline's model_index.json (a folder offline, or a hub id) names this family's transformer."""
     from diffusers import DiffusionPipeline
 
     folder = Path(config).expanduser()
@@ -42,7 +42,6 @@ def _pipeline_index(config: str, path: Path, family: str) -> dict:
     if have != expected:
         raise EsdError(f"{path}: an {family} transformer, but --config {config} is a {index.get('_class_name')} "
                        f"(transformer: {have}); pass a pipeline of the same family, e.g. {EXAMPLE_PIPELINES[family]}")
-    return index
 
 
 def load_transformer_file(path: Path, tensors: dict[str, Tensor], family: str, config: str | None,
@@ -54,9 +53,9 @@ def load_transformer_file(path: Path, tensors: dict[str, Tensor], family: str, c
         raise EsdError(f"{path}: an {family} single file holds the transformer only (the text encoders and VAE "
                        "ship separately); pass --config with the diffusers pipeline to take them from, a folder "
                        f"or a Hugging Face id (e.g. --config {EXAMPLE_PIPELINES[family]})")
-    _pipeline_index(config, path, family)
-    source = str(Path(config).expanduser()) if Path(config).expanduser().is_dir() else config
-    local = Path(source).is_dir()
+    _check_pipeline(config, path, family)
+    local = Path(config).expanduser().is_dir()
+    source = str(Path(config).expanduser()) if local else config
     cls = getattr(diffusers, TRANSFORMER_CLASSES[family])
     dtype = {} if torch_dtype == torch.float32 else {"torch_dtype": torch_dtype}
     try:
@@ -74,5 +73,4 @@ def load_transformer_file(path: Path, tensors: dict[str, Tensor], family: str, c
         extra = sorted(set(tensors) - own)
         raise EsdError(f"{path}: holds {len(extra)} tensors the transformer of --config {config} has no place for: "
                        f"{first_keys(extra)}")
-    pipe = diffusers.DiffusionPipeline.from_pretrained(source, transformer=transformer, local_files_only=local, **dtype)
-    return pipe
+    return diffusers.DiffusionPipeline.from_pretrained(source, transformer=transformer, local_files_only=local, **dtype)
