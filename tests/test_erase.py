@@ -7,8 +7,6 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import esd.erase
-from esd.artifacts import SAMPLED_BY
 from esd.config import EraseConfig
 from esd.erase import Slot, draw_example, erase
 from esd.errors import NonFiniteLossError
@@ -115,27 +113,6 @@ def test_target_follows_the_paper_eta_in_both_sampling_modes(tiny_pipe, tmp_path
         by_other = sample_trajectory(other, scheduler, z_T, conds[concept], conds[""], cfg.start_guidance)
         assert not torch.allclose(ex.x_t, by_other[ex.k], atol=1e-4)
     assert len(steps) >= 3, steps  # the seeds reach several steps, not one by chance
-
-
-@pytest.mark.parametrize("sample_from, batch_size, by_trained", [
-    ("esd", 2, [True] * 4), ("frozen", 2, [False] * 4),
-    ("both", 4, [True, False, True, False, False, True, False, True]),  # half of each batch, alternating
-    ("both", 1, [True, False, True]),  # one example per step: alternates over the steps
-])
-def test_sample_from_names_the_model_that_samples_each_example(tiny_pipe, tmp_path, monkeypatch, sample_from,
-                                                                batch_size, by_trained):
-    real, seen = esd.erase.draw_example, []
-
-    def spy(cfg, conds, sampler, frozen, *args, **kwargs):
-        seen.append(sampler is not frozen)
-        return real(cfg, conds, sampler, frozen, *args, **kwargs)
-
-    monkeypatch.setattr(esd.erase, "draw_example", spy)
-    cfg = _cfg(tmp_path, sample_from=sample_from, batch_size=batch_size, iterations=len(by_trained) // batch_size)
-    erase(cfg, pipe=tiny_pipe, progress=False)
-    assert seen == by_trained
-    card = (tmp_path / "out" / "README.md").read_text()
-    assert f'"sample_from": "{sample_from}"' in card and SAMPLED_BY[sample_from] in card  # config and its words
 
 
 def test_erase_from_conditions_on_the_context(tiny_pipe, tmp_path):

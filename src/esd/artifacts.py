@@ -21,8 +21,6 @@ from esd.selection import group_table  # noqa: E402
 from esd.weights import atomic_path, split_text_encoder  # noqa: E402
 
 GRID_SEEDS = (0, 1)
-SAMPLED_BY = {"esd": "model being trained (paper)", "frozen": "frozen model (2025 code)",
-              "both": "model being trained and the frozen model, alternating over the batch"}
 
 
 def grid_spec(pipe, cfg: EraseConfig) -> list[str]:
@@ -158,7 +156,7 @@ Erased with [ESD](https://arxiv.org/abs/2303.07345) (Gandikota et al., ICCV 2023
 | start guidance s | {cfg.start_guidance} |
 | iterations | {len(result.losses)} of {cfg.iterations}{" (stopped early)" if result.stopped_early else ""} |
 | learning rate | {cfg.lr} (Adam) |
-| sampling steps N | {cfg.ddim_steps} ({"flow-matching Euler" if is_transformer(net) else "DDIM"}); x_t sampled by the {SAMPLED_BY[cfg.sample_from]} |
+| sampling steps N | {cfg.ddim_steps} ({"flow-matching Euler" if is_transformer(net) else "DDIM"}); x_t sampled by the {"model being trained (paper)" if cfg.sample_from == "esd" else "frozen model (2025 code)"} |
 | seed | {cfg.seed} |
 | precision | frozen weights {cfg.precision}{"" if cfg.precision == "fp32" else " (forwards under autocast)"}; trained parameters and Adam state fp32 |
 | from the model's esd.json | {", ".join(f"{k}={v}" for k, v in result.model_defaults.items()) or "—"} (recommended settings for flags not given) |

@@ -114,11 +114,9 @@ class EraseConfig:
     text_encoder_lr: float | None = _opt("--train-text-encoder: the text encoder's Adam learning rate (default: --lr); "
                                          "every prompt goes through it, so a smaller rate than the UNet's keeps the "
                                          "other concepts", default=None)
-    sample_from: Literal["esd", "frozen", "both"] = _opt(
-        "which model samples x_t: esd (the one being trained, the paper), frozen (the 2025 code), or both "
-        "(alternating over a batch's examples: the frozen model keeps showing the concept the trained one stops "
-        "drawing, the trained one shows what it draws now)", default="esd",
-        meta={"choices": ["esd", "frozen", "both"]})
+    sample_from: Literal["esd", "frozen"] = _opt("which model samples x_t: esd (the one being trained, the "
+                                                 "paper) or frozen (the 2025 code)", default="esd",
+                                                 meta={"choices": ["esd", "frozen"]})
     batch_size: int = _opt("examples (w, k, z_T) per Adam step, per process (paper: 1)", default=1)
     lr_schedule: Literal["constant", "cosine"] = _opt(
         "learning rate over the run: constant (the paper) or cosine decay to 0, meant to let a run at a large "
@@ -197,7 +195,7 @@ class EraseConfig:
             raise EsdError("--resume is empty: give 'latest' or a checkpoint folder")
         if not math.isfinite(self.grad_clip) or self.grad_clip < 0:
             raise EsdError(f"--grad-clip must be a finite number >= 0 (0: off), got {self.grad_clip}")
-        for name, choices in (("sample_from", ("esd", "frozen", "both")), ("precision", ("auto", "fp32", "bf16", "fp16")),
+        for name, choices in (("sample_from", ("esd", "frozen")), ("precision", ("auto", "fp32", "bf16", "fp16")),
                               ("robust_adversary", ("prefix", "word", "both")),
                               ("lr_schedule", ("constant", "cosine")),
                               ("compvis_format", ("safetensors", "ckpt"))):

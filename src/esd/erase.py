@@ -145,9 +145,9 @@ class Setup:
     guidance: float  # the sampler's CFG scale: --start-guidance, or 1 where the pipeline samples without CFG (FLUX)
     text: TextConds | None = None  # the encoder as trained (--train-text-encoder) or prefixed (--robust)
 
-    def samples_with_trained(self, n: int) -> bool:
-        """Does the model being trained sample x_t for example n of the run? --sample-from both alternates."""
-        return self.cfg.sample_from == "esd" or (self.cfg.sample_from == "both" and n % 2 == 0)
+    @property
+    def sampler(self) -> Denoiser:
+        return self.trained if self.cfg.sample_from == "esd" else self.frozen
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
@@ -289,13 +289,10 @@ def erase(cfg: EraseConfig, pipe=None, progress: bool = True,
 def train_step(s: Setup, state: resume.TrainState, i: int, out: Path) -> tuple[float, str]:
     """One iteration: draw the batch, the loss, one Adam step on θ. Returns (the global mean loss, a concept)."""
     cfg, d, params = s.cfg, s.dist, state.params
+    sample_conds = s.text if cfg.train_text_encoder and cfg.sample_from == "esd" else None
     with autocast(cfg, s.device):
-        batch = []
-        for n, slot in enumerate(state.slots):
-            trained = s.samples_with_trained(n + i)  # n + i: with one example per step, both alternates over steps
-            sampler, sample_conds = (s.trained, s.text if cfg.train_text_encoder else None) if trained else (s.frozen, None)
-            batch.append(draw_example(cfg, s.conds, sampler, s.frozen, s.scheduler, s.latent_shape, slot, s.guidance,
-                                      sample_conds))
+        batch = [draw_example(cfg, s.conds, s.sampler, s.frozen, s.scheduler, s.latent_shape, slot, s.guidance,
+                              sample_conds) for slot in state.slots]
         if cfg.robust:
             for n, (slot, example) in enumerate(zip(state.slots, batch, strict=True)):
                 example.adversary = adversary(s, slot, example, (n + i) % 2, i % cfg.robust_every == 0)
