@@ -31,6 +31,14 @@ def test_recommended_settings_by_kind(concepts, kind, expected):
     assert recommended_settings({}, concepts) == ({}, None)
 
 
+def test_a_word_of_its_own_overrides_its_kind_when_erased_alone():
+    notes = {**NOTES, "erase_defaults_by_word": {"red": {"lr": 1e-4, "sample_from": "frozen"}}}
+    assert recommended_settings(notes, [" Red"]) == ({"iterations": 100, "lr": 1e-4, "sample_from": "frozen"},
+                                                      "colour")
+    assert recommended_settings(notes, ["circle"])[0] == NOTES["erase_defaults"] | {"method": "noxattn"}
+    assert recommended_settings(notes, ["red", "red"])[0]["lr"] == 5e-4  # several concepts: the kind's settings
+
+
 def test_recommended_phrasings_apply_to_the_bare_word_only():
     notes = {**NOTES, "erase_defaults_by_kind": {"shape": {"method": "noxattn", "contexts": ["{}", "a {}"]}}}
     assert recommended_settings(notes, ["Circle"])[0]["contexts"] == ["{}", "a {}"]

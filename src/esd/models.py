@@ -217,7 +217,7 @@ def samples_without_cfg(pipe) -> bool:
 
 def model_notes(pipe) -> dict:
     """A model folder may ship `esd.json`: {"grid_prompts": [...], "erase_defaults": {field: value}, and
-    optionally "concept_kinds" / "erase_defaults_by_kind" (see `recommended_settings`)}."""
+    optionally "concept_kinds" / "erase_defaults_by_kind" / "erase_defaults_by_word" (see `recommended_settings`)}."""
     source = Path(getattr(pipe, "esd_source", "") or "")
     spec = source / "esd.json" if source.is_dir() else None
     if spec is None or not spec.exists():
@@ -235,7 +235,9 @@ def recommended_settings(notes: dict, concepts: list[str]) -> tuple[dict, str | 
     for each (`"erase_defaults_by_kind"`); when every concept names a word of the same kind ("circle",
     "a red circle"), that kind's settings win over the generic `"erase_defaults"`. When the concepts are bare
     words of the kind and the settings erase them in phrasings (`contexts`), the kind's other words are held in
-    the same phrasings (`siblings`), unless the settings name their own.
+    the same phrasings (`siblings`), unless the settings name their own. A single bare word may have settings of
+    its own (`"erase_defaults_by_word"`), over its kind's: where a sweep found that one word of a kind needs
+    something the others do not.
     """
     generic = dict(notes.get("erase_defaults", {}))
     kinds = notes.get("concept_kinds", {})
@@ -247,6 +249,8 @@ def recommended_settings(notes: dict, concepts: list[str]) -> tuple[dict, str | 
         return generic, None
     kind = found.pop()
     chosen = {**generic, **notes.get("erase_defaults_by_kind", {}).get(kind, {})}
+    if len(concepts) == 1:
+        chosen |= notes.get("erase_defaults_by_word", {}).get(concepts[0].strip().lower(), {})
     if any(c.strip().lower() not in kinds[kind] for c in concepts):
         chosen.pop("contexts", None)  # phrasings are written around the bare word: "a {}" of "a circle" is not one
     elif chosen.get("contexts"):  # the same phrasings with the kind's other words are held (--siblings)
