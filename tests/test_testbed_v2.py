@@ -10,7 +10,7 @@ import torch
 from esd.errors import EsdError
 from esd.testbed.captions import caption_table, draw_caption, phrase
 from esd.testbed.classifier import Prediction
-from esd.testbed.evaluate import CONCEPTS, PromptSpec, check_concept, judge, summarise
+from esd.testbed.evaluate import CONCEPTS, PromptSpec, check_concept, judge, restrict_seeds, summarise
 from esd.testbed.evaluate import testbed_prompts as prompt_list
 from esd.testbed.render import COLOURS, FILLS, RGB, SHAPES, SOLID, STYLES, kind_of, render, render_shape
 from esd.testbed.text import distinct_penalty, pair_mask, probes, word_position
@@ -191,6 +191,19 @@ def test_judge_and_summary_count_what_each_prompt_names():
     assert m["shape_accuracy"] == 3 / 4 and m["style_accuracy"] == 4 / 6
     assert "solid" not in m["per_concept"]  # the one prompt expecting solid names the erased circle
     assert m["others_mean_accuracy"] == 1.0 and "triangle" not in m["per_concept"]  # no prompt names triangles
+
+
+def test_restricting_seeds_judges_exactly_those_images():
+    """A group of seeds cut from a bigger run is what a run with only those seeds would have judged."""
+    specs = [PromptSpec("a red circle", "circle", "red"), PromptSpec("striped", None, None, "striped")]
+    preds = [_pred("circle", "red", "solid"), _pred("square", "red", "solid"), _pred("circle", "green", "dotted"),
+             _pred("circle", "red", "striped"), _pred("square", "red", "solid"), _pred("none", "blue", "striped")]
+    rows = judge(specs, preds, per_prompt=3)
+    for indices in ([0], [1, 2], [2, 0]):
+        small = judge(specs, [p for k in range(2) for p in (preds[3 * k + i] for i in indices)], len(indices))
+        assert restrict_seeds(rows, indices) == small
+    assert summarise(restrict_seeds(rows, [1, 2]), None)["per_concept"]["circle"] == 1 / 2
+    assert rows["a red circle"]["n"] == 3  # the full run's rows are left as they were
 
 
 def test_unknown_concept_names_every_known_word():

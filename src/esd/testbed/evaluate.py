@@ -118,6 +118,22 @@ def judge(specs: list[PromptSpec], preds: list[Prediction], per_prompt: int) -> 
     return rows
 
 
+def restrict_seeds(per_prompt: dict[str, dict], indices: list[int]) -> dict[str, dict]:
+    """The judgements of only some of each prompt's images (by seed index): what a run with fewer evaluation
+    seeds would have measured, since image j of a prompt depends only on its seed. Splitting one run into
+    disjoint groups shows how much a smaller protocol's numbers move by the choice of seeds alone."""
+    out = {}
+    for prompt, row in per_prompt.items():
+        found = [row["found"][i] for i in indices]
+        row = {**row, "found": found, "n": len(found)}
+        for j, kind in enumerate(KIND_WORDS):  # `found` holds (shape, colour, style), the order of KIND_WORDS
+            if kind in row["expected"]:
+                hits = sum(f[j] == row["expected"][kind] for f in found)
+                row[f"{kind}_hits"], row[f"{kind}_accuracy"] = hits, hits / len(found)
+        out[prompt] = row
+    return out
+
+
 def names(row: dict, word: str) -> bool:
     """Whether a prompt row names `word` (as its shape, colour or style)."""
     return word in (row["shape"], row["colour"], row["style"])
