@@ -82,14 +82,19 @@ def base_judgements(model: str, args, out: Path) -> dict:
 MEASURED = [*CONCEPTS, SOLID]
 
 
+def allowance(erased: str, other: str) -> float:
+    """How far below the base `other` may fall after erasing `erased` (the solid fill counts as a style)."""
+    return ALLOWANCE[kind_of(erased)]["style" if other == SOLID else kind_of(other)]
+
+
 def verdict(word: str, base: dict, seeds: list[dict]) -> dict[str, bool]:
     """Per concept: does the bar hold on every seed?"""
     kind = kind_of(word)
     ok = {word: all(s["per_concept"][word] <= ERASED_MAX[kind] for s in seeds)}
     for other in MEASURED:
         if other != word and base["per_concept"].get(other) is not None:  # --prompt-set base names no style
-            allowed = ALLOWANCE[kind]["style" if other == SOLID else kind_of(other)]
-            ok[other] = all(s["per_concept"][other] >= base["per_concept"][other] - allowed for s in seeds)
+            ok[other] = all(s["per_concept"][other] >= base["per_concept"][other] - allowance(word, other)
+                            for s in seeds)
     return ok
 
 

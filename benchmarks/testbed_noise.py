@@ -16,11 +16,10 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from testbed_erasure import ALLOWANCE, MEASURED, base_judgements
+from testbed_erasure import MEASURED, allowance, base_judgements
 
 from esd.models import TESTBED
 from esd.testbed.evaluate import CONCEPTS, restrict_seeds, summarise
-from esd.testbed.render import SOLID, kind_of
 
 
 def spread_table(per_prompt: dict, erased: str, group: int, seeds: int) -> tuple[str, float]:
@@ -33,7 +32,7 @@ def spread_table(per_prompt: dict, erased: str, group: int, seeds: int) -> tuple
         if c == erased or c not in full:
             continue
         vals = [g[c] for g in groups]
-        allowed = ALLOWANCE[kind_of(erased)]["style" if c == SOLID else kind_of(c)]
+        allowed = allowance(erased, c)
         spread = max(vals) - min(vals)
         worst = max(worst, spread / allowed)
         rows.append(f"| {erased} | {c} | {full[c]:.1%} | " + " | ".join(f"{v:.1%}" for v in vals)

@@ -106,32 +106,27 @@ def judge(specs: list[PromptSpec], preds: list[Prediction], per_prompt: int) -> 
     rows = {}
     for k, spec in enumerate(specs):
         found = preds[k * per_prompt : (k + 1) * per_prompt]
-        row = {**asdict(spec), "n": len(found), "expected": {}}
-        for kind in KIND_WORDS:
-            want = spec.expected(kind)
-            if want is not None:
-                row["expected"][kind] = want
-                hits = sum(getattr(p, kind) == want for p in found)
-                row[f"{kind}_hits"], row[f"{kind}_accuracy"] = hits, hits / len(found)
-        row["found"] = [[p.shape, p.colour, p.style] for p in found]
-        rows[spec.prompt] = row
+        expected = {kind: want for kind in KIND_WORDS if (want := spec.expected(kind)) is not None}
+        rows[spec.prompt] = scored({**asdict(spec), "expected": expected}, [[p.shape, p.colour, p.style] for p in found])
     return rows
+
+
+def scored(row: dict, found: list[list[str]]) -> dict:
+    """`row` with its images' labels `found` ([shape, colour, style] each, the order of KIND_WORDS) and, for each
+    kind it expects, how many images show the expected label."""
+    row = {**row, "n": len(found), "found": found}
+    for j, kind in enumerate(KIND_WORDS):
+        if kind in row["expected"]:
+            hits = sum(f[j] == row["expected"][kind] for f in found)
+            row[f"{kind}_hits"], row[f"{kind}_accuracy"] = hits, hits / len(found)
+    return row
 
 
 def restrict_seeds(per_prompt: dict[str, dict], indices: list[int]) -> dict[str, dict]:
     """The judgements of only some of each prompt's images (by seed index): what a run with fewer evaluation
     seeds would have measured, since image j of a prompt depends only on its seed. Splitting one run into
     disjoint groups shows how much a smaller protocol's numbers move by the choice of seeds alone."""
-    out = {}
-    for prompt, row in per_prompt.items():
-        found = [row["found"][i] for i in indices]
-        row = {**row, "found": found, "n": len(found)}
-        for j, kind in enumerate(KIND_WORDS):  # `found` holds (shape, colour, style), the order of KIND_WORDS
-            if kind in row["expected"]:
-                hits = sum(f[j] == row["expected"][kind] for f in found)
-                row[f"{kind}_hits"], row[f"{kind}_accuracy"] = hits, hits / len(found)
-        out[prompt] = row
-    return out
+    return {prompt: scored(row, [row["found"][i] for i in indices]) for prompt, row in per_prompt.items()}
 
 
 def names(row: dict, word: str) -> bool:
