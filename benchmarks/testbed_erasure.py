@@ -52,9 +52,13 @@ def summary(per_prompt: dict, erased: str) -> dict:
     return {k: m[k] for k in keys} | {"phrasings": {t: h / n for t, (h, n) in groups.items()}}
 
 
-def measure(pipe, erased: str, args, out: Path) -> dict:
-    """Evaluate `pipe` (images and per-prompt judgements in `out`) and summarise it for `erased`."""
-    m = evaluate_testbed(pipe, out, erased, seeds_per_prompt=args.seeds, steps=args.steps, prompt_set=args.prompt_set)
+def measure(pipe, erased: str, args, out: Path, done: Path | None = None) -> dict:
+    """Evaluate `pipe` (images and per-prompt judgements in `out`) and summarise it for `erased`. `done`: a
+    metrics.json of this erase evaluated before; read instead of generating when it used this protocol."""
+    m = json.loads(done.read_text()) if done is not None and done.is_file() else {}
+    if (m.get("seeds_per_prompt"), m.get("steps"), m.get("prompt_set")) != (args.seeds, args.steps, args.prompt_set):
+        m = evaluate_testbed(pipe, out, erased, seeds_per_prompt=args.seeds, steps=args.steps,
+                             prompt_set=args.prompt_set)
     return summary(m["per_prompt"], erased)
 
 
@@ -125,7 +129,9 @@ def main() -> None:
     p.add_argument("--json", default=None, help="write every seed's numbers and the summary here")
     p.add_argument("--runs", default=None,
                    help="measure erases made before instead of erasing: RUNS/seed-S/erase/esd.safetensors for each "
-                        "erase seed S (the layout of benchmarks/attack_robustness.py)")
+                        "erase seed S (the layout of benchmarks/attack_robustness.py); an evaluation already in "
+                        "RUNS/seed-S/eval/metrics.json with the same --seeds, --steps and --prompt-set is read, "
+                        "not redone (tables over seeds that were erased and evaluated by separate runs)")
     p.add_argument("--erased", default=None,
                    help="the testbed word measured as erased (default: the concept's last word that is one)")
     args = p.parse_args()
@@ -154,7 +160,8 @@ def main() -> None:
         else:
             run = erase(cfg, pipe=pipe, progress=False, explicit=explicit | {"seed", "grid_steps", "output"}).config
         seconds = time.perf_counter() - start
-        after = measure(pipe, word, args, out_root / f"seed-{seed}" / "eval")
+        done = Path(args.runs) / f"seed-{seed}" / "eval" / "metrics.json" if args.runs else None
+        after = measure(pipe, word, args, out_root / f"seed-{seed}" / "eval", done)
         row = {"seed": seed, "concept": cfg.concept, "method": run.method, "lr": run.lr, "eta": run.eta,
                "iterations": run.iterations, "ddim_steps": run.ddim_steps, "batch_size": run.batch_size,
                "lr_schedule": run.lr_schedule, "grad_clip": run.grad_clip, "trajectory_reuse": run.trajectory_reuse,
