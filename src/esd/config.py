@@ -88,6 +88,12 @@ class EraseConfig:
         "erasing one); half the iterations hold the iteration's phrasing (--contexts; else the bare word) with one of "
         "them instead of a --retain prompt ('red {}' erases 'red circle' and holds 'red square')", default=None,
         meta={"nargs": "+"})
+    anchor_siblings: bool = _opt(
+        "opt-in, with --siblings and --contexts (robust erasing): also hold each phrasing without the concept ('a red' "
+        "for 'a red {}') to the frozen model's prediction for the phrasing with a sibling ('a red square'), so a "
+        "prompt whose concept word an attack drowns falls back to a sibling, not to what the model draws by default "
+        "(on the testbed, a circle); the empty prompt stays held to itself. Leave the prompts naming no concept of "
+        "the kind ('red') out of --retain: they would hold the old default", default=False)
     lora_rank: int | None = _opt("train a rank-R LoRA update of the layers --method selects instead of their weights "
                                  "(big models: SDXL, SD3.5, FLUX); esd.safetensors is then a LoRA file that "
                                  "diffusers' load_lora_weights reads (default: full weights, the paper)",
@@ -232,6 +238,14 @@ class EraseConfig:
             raise EsdError("--erase-from is empty: give the context concept or leave the flag out")
         if self.devices is not None and len(self.devices.split(",")) != 2:
             raise EsdError(f"--devices takes two devices like '0,1', got {self.devices!r}")
+        return self
+
+    def check_complete(self) -> EraseConfig:
+        """What only holds once the model's recommended settings are in (they may supply --contexts, --siblings)."""
+        if self.anchor_siblings and not (self.contexts and self.siblings):
+            raise EsdError("--anchor-siblings holds each --contexts phrasing without the concept to the same phrasing "
+                           "with a --siblings word, and neither the flags nor the model's esd.json give both: pass "
+                           "them (e.g. --contexts 'a red {}' --siblings square)")
         return self
 
     def with_defaults(self, defaults: dict, explicit: set[str]) -> tuple[EraseConfig, dict]:

@@ -181,6 +181,7 @@ def setup(cfg: EraseConfig, pipe, explicit: set[str] | None, progress: bool) -> 
         if applied and progress:
             tqdm.write(f"settings recommended by the model folder's esd.json{f' for a {kind}' if kind else ''} "
                        "(override with flags): " + ", ".join(f"{k}={_brief(v)}" for k, v in applied.items()))
+    cfg.check_complete()
     family = model_family(pipe)
     if cfg.precision == "auto":
         cfg = dataclasses.replace(cfg, precision=auto_precision(family))

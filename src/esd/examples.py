@@ -39,7 +39,8 @@ class Example:
     t: torch.Tensor  # (1,)
     prompt: Cond  # what ε_θ is conditioned on: the concept (in its phrasing), or the erase-from context
     target: torch.Tensor  # (1, 4, h, w)
-    # With --retain: (r, x_t^r, ε*(x_t^r, r, t)), a prompt to keep, its own x_t and the frozen model's prediction.
+    # With --retain: (r, x_t^r, ε*(x_t^r, r', t)), a prompt to keep, its own x_t and the frozen model's prediction
+    # for r' (r itself; with --anchor-siblings, for an anchor r, its phrasing with a sibling).
     retain: tuple[Cond, torch.Tensor, torch.Tensor] | None = None
     text: str = ""  # the text of `prompt` (re-encoded with gradients when the text encoder is trained)
     context: str = "{}"  # the phrasing of the concept ('a red {}'), where a --robust word adversary goes
@@ -57,6 +58,7 @@ class Slot:
     concept: str = ""
     context: str = "{}"  # the phrasing the cached trajectory was sampled with
     kept: str | None = None  # and the retained prompt sampled beside it
+    kept_as: str | None = None  # the prompt whose frozen prediction `kept` is held to (None: `kept` itself)
     trajectory: list[torch.Tensor] = field(default_factory=list)
     uses_left: int = 0
     # --robust: this stream's adversarial embeddings by placement ("prefix", "word"), each warm-started from its last
@@ -69,13 +71,14 @@ class Slot:
     def state_dict(self) -> dict:
         """Everything the slot's next draws depend on (for checkpoints: plain data and CPU tensors)."""
         return {"rng": self.rng.getstate(), "gen": self.gen.get_state(), "concept": self.concept,
-                "context": self.context, "kept": self.kept, "trajectory": [x.cpu() for x in self.trajectory],
+                "context": self.context, "kept": self.kept, "kept_as": self.kept_as, "trajectory": [x.cpu() for x in self.trajectory],
                 "uses_left": self.uses_left, "adversaries": {k: v.cpu() for k, v in self.adversaries.items()}}
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
         self.rng.setstate(state["rng"])
         self.gen.set_state(state["gen"])
         self.concept, self.context, self.kept = state["concept"], state["context"], state["kept"]
+        self.kept_as = state.get("kept_as")
         self.trajectory = [x.to(device) for x in state["trajectory"]]
         self.uses_left = state["uses_left"]
         self.adversaries = {k: v.to(device) for k, v in state.get("adversaries", {}).items()}
@@ -102,7 +105,8 @@ def draw_example(cfg: EraseConfig, conds: dict[str, Cond], sampler: Denoiser, fr
     prompt = conds[prompt_text]  # conditions x_t and ε_θ
     pool = retain_pool(cfg.retain or [], cfg.concepts)
     holds = bool(pool or retain_pool(cfg.siblings or [], cfg.concepts))  # a prompt to keep is drawn
-    kept = (slot.kept if reuse else kept_prompt(cfg, pool, context, slot)) if holds else None
+    kept, kept_as = ((slot.kept, slot.kept_as) if reuse else kept_prompt(cfg, pool, context, slot)) if holds \
+        else (None, None)
     # With --retain, the kept prompt's own x_t is sampled beside the concept's, from its own noise, in one batch.
     sampled = Cond.cat(sample_conds[prompt_text], sample_conds[kept]) if holds else sample_conds[prompt_text]
     k = int(torch.randint(cfg.ddim_steps, (1,), generator=slot.gen))
@@ -116,7 +120,8 @@ def draw_example(cfg: EraseConfig, conds: dict[str, Cond], sampler: Denoiser, fr
         if cfg.trajectory_reuse > 1:  # one full run now, read by the next R iterations
             slot.trajectory = sample_trajectory(sampler, scheduler, z_T, sampled, sample_conds[""], guidance,
                                                 cfg.guidance_batch)
-            slot.concept, slot.context, slot.kept, slot.uses_left = w, context, kept, cfg.trajectory_reuse
+            slot.concept, slot.context, slot.kept, slot.kept_as = w, context, kept, kept_as
+            slot.uses_left = cfg.trajectory_reuse
             x = slot.trajectory[k]
         else:
             x = sample_until(sampler, scheduler, z_T, sampled, sample_conds[""], guidance, k, cfg.guidance_batch)
@@ -129,25 +134,32 @@ def draw_example(cfg: EraseConfig, conds: dict[str, Cond], sampler: Denoiser, fr
         named["context"] = prompt
     xs = [x_t] * len(named)
     if holds:
-        named["retain"] = conds[kept]
+        named["retain"] = conds[kept_as or kept]
         xs.append(x_kept)
     eps = dict(zip(named, predict_pairs(frozen, xs, t, list(named.values()), cfg.guidance_batch), strict=True))
     target = esd_target(eps["start"], eps["concept"], cfg.eta, eps.get("context"))
-    retain = (named["retain"], x_kept, eps["retain"]) if holds else None
+    retain = (conds[kept], x_kept, eps["retain"]) if holds else None
     return Example(w, k, x_t, t, prompt, target, retain, prompt_text, context, kept, eps["concept"])
 
 
-def kept_prompt(cfg: EraseConfig, pool: list[str], context: str, slot: Slot) -> str:
-    """The prompt held to ε* this iteration: a --retain prompt, or with --siblings, half the time the iteration's
-    own phrasing with a sibling concept in place of the erased one ("red square" while erasing "red circle").
+def kept_prompt(cfg: EraseConfig, pool: list[str], context: str, slot: Slot) -> tuple[str, str | None]:
+    """The prompt held to ε* this iteration, and the prompt whose ε* it is held to (None: itself): a --retain
+    prompt, or with --siblings, half the time the iteration's own phrasing with a sibling concept in place of the
+    erased one ("red square" while erasing "red circle").
 
     The siblings are what an edit of the concept's phrasings is likeliest to move: they share every other word,
     and in a text encoder where concept words are nearly collinear, most of the concept word too.
+    With --anchor-siblings, a third of the draws instead hold the phrasing's anchor ("red") to the sibling
+    phrasing ("red square"): where the model's default for a prompt without a shape is the erased shape, an attack
+    that drowns the concept's word would otherwise get the concept back from the default.
     """
     siblings = retain_pool(cfg.siblings or [], cfg.concepts)
+    start = anchor(context)
+    if cfg.anchor_siblings and siblings and start and slot.rng.random() < 1 / 3:
+        return start, phrase(context, slot.rng.choice(siblings))
     if siblings and (not pool or slot.rng.random() < 0.5):
-        return phrase(context, slot.rng.choice(siblings))
-    return slot.rng.choice(pool)
+        return phrase(context, slot.rng.choice(siblings)), None
+    return slot.rng.choice(pool), None
 
 
 def batch_loss(cfg: EraseConfig, trained: Denoiser, batch: list[Example], text: TextConds | None = None) -> torch.Tensor:
@@ -178,4 +190,6 @@ def prompts_needed(cfg: EraseConfig) -> set[str]:
         prompts |= {anchor(context), *(phrase(context, c) for c in cfg.concepts)}
     for context in cfg.contexts or ["{}"]:
         prompts |= {phrase(context, s) for s in retain_pool(cfg.siblings or [], cfg.concepts)}
+        if cfg.anchor_siblings:
+            prompts.add(anchor(context))
     return prompts | set(retain_pool(cfg.retain or [], cfg.concepts))
