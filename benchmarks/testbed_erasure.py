@@ -26,7 +26,7 @@ from esd.config import EraseConfig
 from esd.models import TESTBED, load_pipeline
 from esd.testbed.evaluate import CONCEPTS, evaluate_testbed, summarise
 from esd.testbed.render import SOLID, kind_of
-from esd.weights import apply_esd_weights
+from esd.weights import apply_esd_weights, load_esd_weights
 
 # The bar (issue "Erasure that holds"): the erased concept's largest rate, and how far below the base each other
 # kind may fall, by the kind erased.
@@ -52,12 +52,13 @@ def summary(per_prompt: dict, erased: str) -> dict:
     return {k: m[k] for k in keys} | {"phrasings": {t: h / n for t, (h, n) in groups.items()}}
 
 
-def measure(pipe, erased: str, args, out: Path, done: Path | None = None) -> dict:
-    """Evaluate `pipe` (images and per-prompt judgements in `out`) and summarise it for `erased`. `done`: a
-    metrics.json of this erase evaluated before; read instead of generating when it used this protocol."""
+def measure(make_pipe, erased: str, args, out: Path, done: Path | None = None) -> dict:
+    """Evaluate the pipeline `make_pipe()` gives (images and per-prompt judgements in `out`) and summarise it for
+    `erased`. `done`: a metrics.json of this erase evaluated before; read instead of generating (and without
+    loading the pipeline) when it used this protocol."""
     m = json.loads(done.read_text()) if done is not None and done.is_file() else {}
     if (m.get("seeds_per_prompt"), m.get("steps"), m.get("prompt_set")) != (args.seeds, args.steps, args.prompt_set):
-        m = evaluate_testbed(pipe, out, erased, seeds_per_prompt=args.seeds, steps=args.steps,
+        m = evaluate_testbed(make_pipe(), out, erased, seeds_per_prompt=args.seeds, steps=args.steps,
                              prompt_set=args.prompt_set)
     return summary(m["per_prompt"], erased)
 
@@ -152,21 +153,28 @@ def main() -> None:
     for seed in erase_seeds:
         cfg = config_from_args(args)
         cfg.seed, cfg.grid_steps, cfg.output = seed, 0, str(out_root / f"seed-{seed}")
-        pipe = load_pipeline(model)
-        start = time.perf_counter()
         if args.runs:  # the erase was made before: its config is in the weights' metadata
             weights = Path(args.runs) / f"seed-{seed}" / "erase" / "esd.safetensors"
-            run = EraseConfig.from_json(apply_esd_weights(pipe, weights)["esd_config"])
+            run, seconds = EraseConfig.from_json(load_esd_weights(weights)[1]["esd_config"]), None
+
+            def make_pipe(weights=weights):
+                pipe = load_pipeline(model)
+                apply_esd_weights(pipe, weights)
+                return pipe
         else:
+            pipe, start = load_pipeline(model), time.perf_counter()
             run = erase(cfg, pipe=pipe, progress=False, explicit=explicit | {"seed", "grid_steps", "output"}).config
-        seconds = time.perf_counter() - start
+            seconds = time.perf_counter() - start
+
+            def make_pipe(pipe=pipe):
+                return pipe
         done = Path(args.runs) / f"seed-{seed}" / "eval" / "metrics.json" if args.runs else None
-        after = measure(pipe, word, args, out_root / f"seed-{seed}" / "eval", done)
+        after = measure(make_pipe, word, args, out_root / f"seed-{seed}" / "eval", done)
         row = {"seed": seed, "concept": cfg.concept, "method": run.method, "lr": run.lr, "eta": run.eta,
                "iterations": run.iterations, "ddim_steps": run.ddim_steps, "batch_size": run.batch_size,
                "lr_schedule": run.lr_schedule, "grad_clip": run.grad_clip, "trajectory_reuse": run.trajectory_reuse,
                "sample_from": run.sample_from, "robust": run.robust, "train_text_encoder": run.train_text_encoder,
-               "erase_s": None if args.runs else round(seconds, 1), "after": after}
+               "erase_s": None if seconds is None else round(seconds, 1), "after": after}
         print(json.dumps(row), flush=True)
         rows.append(row)
     text = table(word, base, [r["after"] for r in rows], erase_seeds)
