@@ -21,12 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from esd.app_runs import run_metadata
 from esd.cli import add_config_arguments, config_from_args, explicit_fields
-from esd.config import EraseConfig
 from esd.models import TESTBED, load_pipeline
 from esd.testbed.evaluate import CONCEPTS, evaluate_testbed, summarise
 from esd.testbed.render import SOLID, kind_of
-from esd.weights import apply_esd_weights, load_esd_weights
+from esd.weights import apply_esd_weights
 
 # The bar (issue "Erasure that holds"): the erased concept's largest rate, and how far below the base each other
 # kind may fall, by the kind erased.
@@ -155,7 +155,7 @@ def main() -> None:
         cfg.seed, cfg.grid_steps, cfg.output = seed, 0, str(out_root / f"seed-{seed}")
         if args.runs:  # the erase was made before: its config is in the weights' metadata
             weights = Path(args.runs) / f"seed-{seed}" / "erase" / "esd.safetensors"
-            run, seconds = EraseConfig.from_json(load_esd_weights(weights)[1]["esd_config"]), None
+            run, seconds = run_metadata(weights.parent)[0], None  # the header only
 
             def make_pipe(weights=weights):
                 pipe = load_pipeline(model)

@@ -71,7 +71,8 @@ class Slot:
     def state_dict(self) -> dict:
         """Everything the slot's next draws depend on (for checkpoints: plain data and CPU tensors)."""
         return {"rng": self.rng.getstate(), "gen": self.gen.get_state(), "concept": self.concept,
-                "context": self.context, "kept": self.kept, "kept_as": self.kept_as, "trajectory": [x.cpu() for x in self.trajectory],
+                "context": self.context, "kept": self.kept, "kept_as": self.kept_as,
+                "trajectory": [x.cpu() for x in self.trajectory],
                 "uses_left": self.uses_left, "adversaries": {k: v.cpu() for k, v in self.adversaries.items()}}
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
