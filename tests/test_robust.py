@@ -19,7 +19,15 @@ from esd.examples import Example, batch_loss
 from esd.loss import esd_loss
 from esd.models import encode_prompt
 from esd.params import select_parameters
-from esd.robust import Adversary, TextConds, attack_example, first_prefix, placement, text_encoder_params
+from esd.robust import (
+    Adversary,
+    TextConds,
+    attack_example,
+    encoder_drift,
+    first_prefix,
+    placement,
+    text_encoder_params,
+)
 from esd.sampling import Cond, unet_denoiser
 from esd.weights import TEXT_ENCODER, applied_weights, apply_esd_weights
 
@@ -220,3 +228,44 @@ def test_bad_robust_settings_are_refused_before_any_work(saved, tmp_path):
     with pytest.raises(EsdError, match="--robust supports SD1.x/SD2.x"):
         erase(_cfg(tmp_path / "x", robust=True), pipe=sdxl, progress=False)
     assert main(["erase", "--concept", "circle", "--robust-every", "0", "--output", str(tmp_path / "y")]) == 2
+
+
+def test_encoder_drift_is_the_relative_squared_change_of_the_kept_prompts(tiny_pipe):
+    pipe = copy.deepcopy(tiny_pipe)
+    prompts = ["a blue square", ""]
+    original = {p: encode_prompt(pipe, p) for p in prompts}
+    text = TextConds(pipe, trains=True)
+    assert encoder_drift(text, original, prompts).item() == pytest.approx(0.0, abs=1e-10)
+    with torch.no_grad():  # every hidden state shifts by the same vector: the drift is known in closed form
+        pipe.text_encoder.get_parameter("final_layer_norm.bias").add_(0.5)
+    was = torch.cat([original[p].embeds for p in prompts])
+    expected = (0.25 * was[..., :1].numel() * was.shape[-1]) / was.pow(2).sum().item()
+    drift = encoder_drift(text, original, prompts)
+    assert drift.item() == pytest.approx(expected, rel=1e-4) and drift.requires_grad
+
+
+def test_text_retain_weight_keeps_the_retained_prompts_encodings(tmp_path):
+    """With the term the trained encoder moves the kept prompts' conditioning less than without it."""
+    from esd.tiny import tiny_sd_pipeline
+
+    kept = ["a blue square", "a green triangle"]
+    drift = {}
+    for weight in (0.0, 100.0):
+        pipe = tiny_sd_pipeline(seed=0)
+        original = {p: encode_prompt(pipe, p) for p in kept}
+        erase(_cfg(tmp_path / f"w{weight}", train_text_encoder=True, retain=kept, text_retain_weight=weight,
+                   iterations=6), pipe=pipe, progress=False)
+        drift[weight] = encoder_drift(TextConds(pipe, trains=False), original, kept).item()
+        card = (tmp_path / f"w{weight}" / "README.md").read_text()
+        assert ("--text-retain-weight 100" in card) == bool(weight)
+    assert drift[0.0] > 0 and drift[100.0] < 0.5 * drift[0.0], drift
+
+
+def test_text_retain_weight_bad_input():
+    with pytest.raises(EsdError, match="add --train-text-encoder"):
+        EraseConfig(concept="circle", text_retain_weight=1.0).validate()
+    with pytest.raises(EsdError, match="finite number >= 0"):
+        EraseConfig(concept="circle", train_text_encoder=True, text_retain_weight=-1.0).validate()
+    lone = EraseConfig(concept="circle", train_text_encoder=True, text_retain_weight=1.0).validate()
+    with pytest.raises(EsdError, match="pass --retain"):
+        lone.check_complete()

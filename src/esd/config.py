@@ -120,6 +120,11 @@ class EraseConfig:
     text_encoder_lr: float | None = _opt("--train-text-encoder: the text encoder's Adam learning rate (default: --lr); "
                                          "every prompt goes through it, so a smaller rate than the UNet's keeps the "
                                          "other concepts", default=None)
+    text_retain_weight: float = _opt(
+        "--train-text-encoder: weight of a term that holds the trained encoder's outputs for every --retain and "
+        "--siblings prompt to the original encoder's, all of them each iteration (relative squared change of the "
+        "hidden states). Every prompt goes through the encoder, and the UNet-level --retain term sees a few kept "
+        "prompts per step; this one keeps the words that must not move where they are (0: off)", default=0.0)
     sample_from: Literal["esd", "frozen"] = _opt("which model samples x_t: esd (the one being trained, the "
                                                  "paper) or frozen (the 2025 code)", default="esd",
                                                  meta={"choices": ["esd", "frozen"]})
@@ -215,6 +220,11 @@ class EraseConfig:
             raise EsdError(f"--robust-lr must be a finite number > 0, got {self.robust_lr}")
         if self.text_encoder_lr is not None and not (math.isfinite(self.text_encoder_lr) and self.text_encoder_lr > 0):
             raise EsdError(f"--text-encoder-lr must be a finite number > 0, got {self.text_encoder_lr}")
+        if not math.isfinite(self.text_retain_weight) or self.text_retain_weight < 0:
+            raise EsdError(f"--text-retain-weight must be a finite number >= 0 (0: off), got {self.text_retain_weight}")
+        if self.text_retain_weight and not self.train_text_encoder:
+            raise EsdError("--text-retain-weight holds a trained text encoder: add --train-text-encoder, or leave "
+                           "the weight out")
         if self.train_text_encoder and self.lora_rank is not None:
             raise EsdError("--train-text-encoder trains full text-encoder weights; leave out --lora-rank "
                            "(LoRA covers the denoising network only)")
@@ -246,6 +256,9 @@ class EraseConfig:
             raise EsdError("--anchor-siblings holds each --contexts phrasing without the concept to the same phrasing "
                            "with a --siblings word, and neither the flags nor the model's esd.json give both: pass "
                            "them (e.g. --contexts 'a red {}' --siblings square)")
+        if self.text_retain_weight and not (self.retain or self.siblings):
+            raise EsdError("--text-retain-weight holds the encoder's outputs for the --retain and --siblings "
+                           "prompts, and neither the flags nor the model's esd.json give any: pass --retain")
         return self
 
     def with_defaults(self, defaults: dict, explicit: set[str]) -> tuple[EraseConfig, dict]:

@@ -39,7 +39,7 @@ from esd.distributed import (
     init_from_env,
 )
 from esd.errors import EsdError, NonFiniteLossError
-from esd.examples import Example, Slot, batch_loss, draw_example, prompts_needed  # noqa: F401  (re-exported)
+from esd.examples import Example, Slot, batch_loss, draw_example, held_prompts, prompts_needed  # noqa: F401  (re-exported)
 from esd.lora import exported
 from esd.models import (
     default_image_size,
@@ -57,7 +57,15 @@ from esd.models import (
 )
 from esd.networks import TRANSFORMER_FAMILIES, is_transformer, network
 from esd.prepare import PRECISIONS, auto_precision, autocast, prepare_unet  # noqa: F401  (prepare_unet re-exported)
-from esd.robust import Adversary, TextConds, attack_example, first_prefix, placement, text_encoder_params
+from esd.robust import (
+    Adversary,
+    TextConds,
+    attack_example,
+    encoder_drift,
+    first_prefix,
+    placement,
+    text_encoder_params,
+)
 from esd.sampling import Cond, Denoiser, ddim_scheduler
 from esd.weights import TEXT_ENCODER
 
@@ -298,6 +306,8 @@ def train_step(s: Setup, state: resume.TrainState, i: int, out: Path) -> tuple[f
             for n, (slot, example) in enumerate(zip(state.slots, batch, strict=True)):
                 example.adversary = adversary(s, slot, example, (n + i) % 2, i % cfg.robust_every == 0)
         loss = batch_loss(cfg, s.trained, batch, s.text)
+        if cfg.text_retain_weight:  # every kept prompt's encoding, each step: the encoder moves them all at once
+            loss = loss + cfg.text_retain_weight * encoder_drift(s.text, s.conds, held_prompts(cfg))
     shown = global_mean(loss.detach(), d.world)  # every process sees the same number, and stops together
     if not torch.isfinite(shown):
         last = resume.latest(out)

@@ -183,6 +183,15 @@ def batch_loss(cfg: EraseConfig, trained: Denoiser, batch: list[Example], text: 
     return loss
 
 
+def held_prompts(cfg: EraseConfig) -> list[str]:
+    """The prompts `kept_prompt` holds to their own frozen prediction: the --retain prompts that do not name an
+    erased concept, and each phrasing with each --siblings word (the anchors --anchor-siblings moves are not)."""
+    held = set(retain_pool(cfg.retain or [], cfg.concepts))
+    for context in cfg.contexts or ["{}"]:
+        held |= {phrase(context, s) for s in retain_pool(cfg.siblings or [], cfg.concepts)}
+    return sorted(held)
+
+
 def prompts_needed(cfg: EraseConfig) -> set[str]:
     """Every prompt `draw_example` may condition on: "", the concepts, the erase-from context, each phrasing of
     each concept and its anchor, each phrasing of each sibling, and the retained prompts. The text encoder is frozen: each is encoded once."""
