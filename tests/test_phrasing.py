@@ -205,3 +205,30 @@ def test_siblings_alone_draw_a_held_prompt_with_its_own_x_t(tiny_pipe):
     ex = draw_example(cfg, conds, eps, eps, scheduler, (1, 4, 8, 8), Slot.seeded(1))
     assert ex.retain is not None
     assert torch.equal(ex.retain[0].embeds, conds["square"].embeds)
+
+
+def test_start_from_sibling_builds_the_target_from_a_fixed_sibling_phrasing(tiny_pipe):
+    """--start-from-sibling: Eq. 5 starts from "red square" (not "red") for "red circle", one sibling per phrasing."""
+    from esd.examples import guidance_start
+    from esd.loss import esd_target
+
+    contexts = ["red {}", "{}", "a {}, striped"]
+    cfg = EraseConfig(concept="circle", contexts=contexts, siblings=["square", "triangle"], eta=1.5,
+                      start_from_sibling=True, ddim_steps=3).validate().check_complete()
+    assert [guidance_start(cfg, c) for c in contexts] == ["red square", "triangle", "a square, striped"]
+    plain = EraseConfig(concept="circle", contexts=contexts, siblings=["square", "triangle"])
+    assert [guidance_start(plain, c) for c in contexts] == ["red", "", "striped"]
+    conds = {p: encode_prompt(tiny_pipe, p) for p in prompts_needed(cfg)}
+    eps = unet_denoiser(tiny_pipe.unet)
+    scheduler = ddim_scheduler(tiny_pipe.scheduler.config, 3)
+    for seed in range(40):
+        ex = draw_example(cfg, conds, eps, eps, scheduler, (1, 4, 8, 8), Slot.seeded(seed))
+        if ex.context == "red {}":
+            break
+    assert ex.context == "red {}"
+    start, concept = (eps(ex.x_t, ex.t, conds[p]) for p in ("red square", "red circle"))
+    err = (ex.target - esd_target(start, concept, 1.5)).abs().max()
+    from_anchor = (ex.target - esd_target(eps(ex.x_t, ex.t, conds["red"]), concept, 1.5)).abs().max()
+    assert err < 1e-4 and from_anchor > 100 * err, (err, from_anchor)  # batched forwards round differently
+    with pytest.raises(EsdError, match="--start-from-sibling"):
+        EraseConfig(concept="circle", start_from_sibling=True).validate().check_complete()

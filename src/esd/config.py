@@ -94,6 +94,12 @@ class EraseConfig:
         "prompt whose concept word an attack drowns falls back to a sibling, not to what the model draws by default "
         "(on the testbed, a circle); the empty prompt stays held to itself. Leave the prompts naming no concept of "
         "the kind ('red') out of --retain: they would hold the old default", default=False)
+    start_from_sibling: bool = _opt(
+        "opt-in, with --siblings: Eq. 5's guidance starts from the phrasing with a sibling in the concept's place "
+        "('a red square' for 'a red circle'; one fixed sibling per phrasing) instead of the phrasing without it "
+        "('a red', '' for the bare word). Where the start itself draws the concept (on the testbed, a noise on which "
+        "'' and 'a red' draw a circle), the paper's target equals the concept's own prediction and erases nothing; "
+        "from a sibling the erased prompt draws the sibling there", default=False)
     lora_rank: int | None = _opt("train a rank-R LoRA update of the layers --method selects instead of their weights "
                                  "(big models: SDXL, SD3.5, FLUX); esd.safetensors is then a LoRA file that "
                                  "diffusers' load_lora_weights reads (default: full weights, the paper)",
@@ -256,6 +262,9 @@ class EraseConfig:
             raise EsdError("--anchor-siblings holds each --contexts phrasing without the concept to the same phrasing "
                            "with a --siblings word, and neither the flags nor the model's esd.json give both: pass "
                            "them (e.g. --contexts 'a red {}' --siblings square)")
+        if self.start_from_sibling and not retain_pool(self.siblings or [], self.concepts):
+            raise EsdError("--start-from-sibling starts the guidance from the phrasing with a --siblings word, and "
+                           "neither the flags nor the model's esd.json give one: pass --siblings (e.g. square)")
         if self.text_retain_weight and not (self.retain or self.siblings):
             raise EsdError("--text-retain-weight holds the encoder's outputs for the --retain and --siblings "
                            "prompts, and neither the flags nor the model's esd.json give any: pass --retain")

@@ -129,8 +129,7 @@ def draw_example(cfg: EraseConfig, conds: dict[str, Cond], sampler: Denoiser, fr
     slot.uses_left -= 1
     x_t, x_kept = x[:1], x[1:]
     t = torch.tensor([step_timestep(k, scheduler, slot.gen)], device=device)
-    # Where the guidance starts: "" (Eq. 5), or the phrasing without the concept ("a red" for "a red {}").
-    named = {"start": conds[anchor(context)], "concept": conds[text]}
+    named = {"start": conds[guidance_start(cfg, context)], "concept": conds[text]}
     if cfg.erase_from:
         named["context"] = prompt
     xs = [x_t] * len(named)
@@ -141,6 +140,20 @@ def draw_example(cfg: EraseConfig, conds: dict[str, Cond], sampler: Denoiser, fr
     target = esd_target(eps["start"], eps["concept"], cfg.eta, eps.get("context"))
     retain = (conds[kept], x_kept, eps["retain"]) if holds else None
     return Example(w, k, x_t, t, prompt, target, retain, prompt_text, context, kept, eps["concept"])
+
+
+def guidance_start(cfg: EraseConfig, context: str) -> str:
+    """Where Eq. 5's guidance starts for a phrasing: "" (the paper), the phrasing without the concept ("a red" for
+    "a red {}", --contexts), or with --start-from-sibling the phrasing with a sibling ("a red square").
+
+    One sibling per phrasing, fixed (they take turns over --contexts): a sibling drawn per example would train
+    the mean of the siblings' predictions at the same x_t, a blend of two shapes.
+    """
+    if not cfg.start_from_sibling:
+        return anchor(context)
+    siblings = retain_pool(cfg.siblings or [], cfg.concepts)
+    contexts = cfg.contexts or ["{}"]
+    return phrase(context, siblings[contexts.index(context) % len(siblings)])
 
 
 def kept_prompt(cfg: EraseConfig, pool: list[str], context: str, slot: Slot) -> tuple[str, str | None]:
