@@ -98,7 +98,7 @@ class EraseConfig:
         "opt-in, with --siblings: Eq. 5's guidance starts from the phrasing with a sibling in the concept's place "
         "('a red square' for 'a red circle'; one fixed sibling per phrasing) instead of the phrasing without it "
         "('a red', '' for the bare word). Where the start itself draws the concept (on the testbed, a noise on which "
-        "'' and 'a red' draw a circle), the paper's target equals the concept's own prediction and erases nothing; "
+        "'' and 'red' draw a circle), the paper's target equals the concept's own prediction and erases nothing; "
         "from a sibling the erased prompt draws the sibling there", default=False)
     lora_rank: int | None = _opt("train a rank-R LoRA update of the layers --method selects instead of their weights "
                                  "(big models: SDXL, SD3.5, FLUX); esd.safetensors is then a LoRA file that "

@@ -152,6 +152,7 @@ class Setup:
     applied: dict  # settings taken from the model folder's esd.json
     guidance: float  # the sampler's CFG scale: --start-guidance, or 1 where the pipeline samples without CFG (FLUX)
     text: TextConds | None = None  # the encoder as trained (--train-text-encoder) or prefixed (--robust)
+    held: list[str] = field(default_factory=list)  # --text-retain-weight: the prompts whose encodings stay
 
     @property
     def sampler(self) -> Denoiser:
@@ -226,7 +227,8 @@ def setup(cfg: EraseConfig, pipe, explicit: set[str] | None, progress: bool) -> 
     if cfg.robust and not cfg.retain and progress:
         tqdm.write("--robust without --retain: nothing holds the rest of the model while the adversary pushes the "
                    "erase wider; pass --retain with prompts to keep (AdvUnlearn holds a set of captions)")
-    return Setup(cfg, pipe, device, d, params, trained, frozen, scheduler, conds, size, applied, guidance, text)
+    return Setup(cfg, pipe, device, d, params, trained, frozen, scheduler, conds, size, applied, guidance, text,
+                 held_prompts(cfg) if cfg.text_retain_weight else [])
 
 
 def erase(cfg: EraseConfig, pipe=None, progress: bool = True,
@@ -307,7 +309,7 @@ def train_step(s: Setup, state: resume.TrainState, i: int, out: Path) -> tuple[f
                 example.adversary = adversary(s, slot, example, (n + i) % 2, i % cfg.robust_every == 0)
         loss = batch_loss(cfg, s.trained, batch, s.text)
         if cfg.text_retain_weight:  # every kept prompt's encoding, each step: the encoder moves them all at once
-            loss = loss + cfg.text_retain_weight * encoder_drift(s.text, s.conds, held_prompts(cfg))
+            loss = loss + cfg.text_retain_weight * encoder_drift(s.text, s.conds, s.held)
     shown = global_mean(loss.detach(), d.world)  # every process sees the same number, and stops together
     if not torch.isfinite(shown):
         last = resume.latest(out)

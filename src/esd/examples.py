@@ -211,8 +211,6 @@ def prompts_needed(cfg: EraseConfig) -> set[str]:
     prompts = {"", *cfg.concepts, *([cfg.erase_from] if cfg.erase_from else [])}
     for context in cfg.contexts or []:
         prompts |= {anchor(context), *(phrase(context, c) for c in cfg.concepts)}
-    for context in cfg.contexts or ["{}"]:
-        prompts |= {phrase(context, s) for s in retain_pool(cfg.siblings or [], cfg.concepts)}
-        if cfg.anchor_siblings:
-            prompts.add(anchor(context))
-    return prompts | set(retain_pool(cfg.retain or [], cfg.concepts))
+    if cfg.anchor_siblings:
+        prompts |= {anchor(context) for context in cfg.contexts or ["{}"]}
+    return prompts | set(held_prompts(cfg))
