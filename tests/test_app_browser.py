@@ -114,7 +114,12 @@ def test_erase_then_compare_in_the_browser(server):
 
             page.get_by_role("tab", name="Compare").click()
             sync_api.expect(page.locator("#compare-run")).to_contain_text("circle", timeout=30_000)
+            # The run's arrival also sets the prompt to its concept; wait for that before typing, or the
+            # late update overwrites what was typed (seen once in CI: the compare ran "circle").
+            prompt = page.locator("#compare-prompt input, #compare-prompt textarea").first
+            sync_api.expect(prompt).to_have_value("circle", timeout=30_000)
             _fill(page, "compare-prompt", "a red circle")
+            sync_api.expect(prompt).to_have_value("a red circle")
             page.locator("#compare-button").click()
             original, erased = page.locator("#gallery-original img"), page.locator("#gallery-erased img")
             # The prompt and the model's unrelated prompts, same seeds, on each side.
