@@ -35,7 +35,7 @@ OPTIONS = {
     "trajectory-reuse": dict(trajectory_reuse=3),
     "batch-retain-contexts": dict(batch_size=2, retain=["a blue square"], contexts=["{}", "a red {}"]),
     "fp16-grad-scaler": dict(precision="fp16"),
-    "robust-text-encoder": dict(robust=True, robust_steps=2, robust_every=2, robust_adversary="both",
+    "robust-text-encoder": dict(robust=True, robust_steps=2, robust_every=2, robust_adversary="prefix+word+inversion",
                                 train_text_encoder=True, text_encoder_lr=1e-3, retain=["a blue square"],
                                 contexts=["{}", "a red {}"]),
 }

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from esd import compvis
 from esd.attack.embeddings import encode, slot_ids, token_embedding
 from esd.cli import main
-from esd.config import EraseConfig
+from esd.config import EraseConfig, adversary_modes
 from esd.erase import erase
 from esd.errors import EsdError
 from esd.examples import Example, batch_loss
@@ -23,12 +23,14 @@ from esd.robust import (
     Adversary,
     TextConds,
     attack_example,
+    concept_images,
     encoder_drift,
     first_prefix,
+    noised,
     placement,
     text_encoder_params,
 )
-from esd.sampling import Cond, unet_denoiser
+from esd.sampling import Cond, ddim_scheduler, ddim_states, unet_denoiser
 from esd.weights import TEXT_ENCODER, applied_weights, apply_esd_weights
 
 FAST = dict(iterations=3, ddim_steps=3, lr=1e-2, grid_steps=0, device="cpu", save_every=0)
@@ -103,6 +105,73 @@ def test_batch_loss_adds_the_adversarial_prompt_at_the_same_x_t_and_target(tiny_
     assert torch.allclose(got, (plain + prefixed) / 2, rtol=1e-5)  # the mean over both rows
 
 
+def test_batch_loss_trains_the_inversion_adversary_at_its_own_noised_image(tiny_pipe):
+    """The inversion adversary's row is Eq. 5 at the bank image's x_t', t' and target, not at the example's."""
+    text = TextConds(tiny_pipe, trains=False)
+    g = torch.Generator().manual_seed(0)
+    x_t, target, x_adv, target_adv = (torch.randn(1, 4, 8, 8, generator=g) for _ in range(4))
+    t, t_adv = torch.tensor([300.0]), torch.tensor([800.0])
+    ids, mask = slot_ids(tiny_pipe.tokenizer, "a red", 1, "")
+    adversary = Adversary(ids, mask, torch.randn(1, 32, generator=g) * 0.1, x_adv, t_adv, target_adv)
+    ex = Example("circle", 1, x_t, t, text["a red circle"], target, text="a red circle", adversary=adversary)
+    trained = unet_denoiser(tiny_pipe.unet)
+    with torch.no_grad():
+        got = batch_loss(EraseConfig(concept="circle"), trained, [ex], text)
+        plain = esd_loss(trained(x_t, t, ex.prompt), target)
+        cond = Cond(encode(tiny_pipe.text_encoder, ids, mask, adversary.vectors))
+        inverted = esd_loss(trained(x_adv, t_adv, cond), target_adv)
+        at_example = esd_loss(trained(x_t, t, cond), target)
+    assert torch.allclose(got, (plain + inverted) / 2, rtol=1e-5)
+    assert not torch.allclose(got, (plain + at_example) / 2, rtol=1e-3)
+
+
+def test_the_image_bank_is_the_frozen_models_samples_and_noised_as_for_training(tiny_pipe):
+    frozen = unet_denoiser(tiny_pipe.unet)
+    scheduler = ddim_scheduler(tiny_pipe.scheduler, 3)
+    prompts = [encode_prompt(tiny_pipe, p) for p in ("a red circle", "circle")]
+    null = encode_prompt(tiny_pipe, "")
+    bank = concept_images(frozen, scheduler, prompts, null, (1, 4, 8, 8), 3.0, seed=5)
+    again = concept_images(frozen, scheduler, prompts, null, (1, 4, 8, 8), 3.0, seed=5)
+    assert bank.shape == (2, 4, 8, 8) and torch.equal(bank, again)  # the same bank on resume
+    z_T = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(5))
+    *_, last = ddim_states(frozen, scheduler, z_T, Cond.cat(*prompts), null, 3.0)
+    assert torch.allclose(bank, last)
+    x_t, t, truth = noised(scheduler, bank[:1], torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)  # t uniform over the whole schedule, then the noise, as textual inversion
+    step, noise = torch.randint(1000, (1,), generator=g), torch.randn((1, 4, 8, 8), generator=g)
+    assert t.dtype == torch.float32 and t.item() == step.item() and torch.equal(truth, noise)  # ε-prediction
+    a = scheduler.alphas_cumprod[step.item()]
+    assert torch.allclose(x_t, a.sqrt() * bank[:1] + (1 - a).sqrt() * noise, atol=1e-5)
+
+
+def test_adversary_kinds_take_turns_and_unknown_kinds_fail_at_parsing(capsys, tmp_path):
+    assert adversary_modes("both") == ("prefix", "word")
+    assert adversary_modes("prefix+inversion") == ("prefix", "inversion")
+    assert adversary_modes("inversion+inversion") == ("inversion",)
+    with pytest.raises(EsdError, match="'inverse' is not a kind.*prefix, word, inversion"):
+        EraseConfig(concept="circle", robust_adversary="prefix+inverse").validate()
+    with pytest.raises(SystemExit) as exit_:
+        main(["erase", "--concept", "circle", "--robust-adversary", "prefix+inverse", "--output", str(tmp_path)])
+    assert exit_.value.code == 2 and "'inverse' is not a kind" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_inversion_adversary_erase_fits_its_word_to_the_bank_and_writes_the_unet_tensors(tiny_pipe, tmp_path):
+    from esd.erase import image_bank, setup
+
+    cfg = _cfg(tmp_path / "inv", robust=True, robust_steps=2, robust_adversary="inversion", robust_images=3,
+               contexts=["{}", "a {}"], retain=["a blue square"])
+    s = setup(cfg, copy.deepcopy(tiny_pipe), None, progress=False)
+    assert [(w, c) for w, c, _ in s.bank] == [("a red circle", "{}"), ("a red circle", "a {}"), ("a red circle", "{}")]
+    assert all(x.shape == (1, 4, 8, 8) for _, _, x in s.bank)
+    assert all(torch.equal(a, b) for (_, _, a), (_, _, b) in zip(s.bank, image_bank(s), strict=True))
+    result = erase(cfg, pipe=copy.deepcopy(tiny_pipe), progress=False)
+    written = load_file(str(tmp_path / "inv" / "esd.safetensors"))
+    assert set(written) == set(result.trained) and all(torch.isfinite(v).all() for v in written.values())
+    assert "`--robust` (inversion): 5 prefix embeddings, 2 attack steps (lr 0.01) every 1 iteration(s), 3 images" \
+        in (tmp_path / "inv" / "README.md").read_text()
+
+
 def test_robust_erase_writes_exactly_the_selected_unet_tensors(tiny_pipe, tmp_path):
     pipe = copy.deepcopy(tiny_pipe)
     result = erase(_cfg(tmp_path / "out", robust=True, robust_steps=2, retain=["a blue square"]), pipe=pipe,
@@ -110,7 +179,7 @@ def test_robust_erase_writes_exactly_the_selected_unet_tensors(tiny_pipe, tmp_pa
     written = load_file(str(tmp_path / "out" / "esd.safetensors"))
     assert set(written) == set(select_parameters(copy.deepcopy(tiny_pipe).unet, "xattn")) == set(result.trained)
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "`--robust`: 5 prefix embeddings, 2 attack steps" in card and "| text encoder | frozen |" in card
+    assert "`--robust` (prefix): 5 prefix embeddings, 2 attack steps" in card and "| text encoder | frozen |" in card
     # the run differs from the plain erase (the adversarial rows moved θ), both finite
     plain = copy.deepcopy(tiny_pipe)
     erase(_cfg(tmp_path / "plain", retain=["a blue square"]), pipe=plain, progress=False)

@@ -153,7 +153,7 @@ Erased with [ESD](https://arxiv.org/abs/2303.07345) (Gandikota et al., ICCV 2023
 | erase from | {f"`{cfg.erase_from}`" if cfg.erase_from else "—"} |
 | method | `{cfg.method}` ({f"a rank-{cfg.lora_rank} LoRA update of its layers, " if cfg.lora_rank else ""}{len(net_names)} tensors, {n_trained:,} trained parameters; the {part} has {n_total:,}) |
 | text encoder | {f"trained: {len(text_names)} tensors, {n_text:,} parameters (its layers; embeddings kept), lr {cfg.text_encoder_lr or cfg.lr}{text_held}" if text_names else "frozen"} |
-| adversarial erasing | {f"`--robust`: {cfg.robust_tokens} prefix embeddings, {cfg.robust_steps} attack steps (lr {cfg.robust_lr}) every {cfg.robust_every} iteration(s)" if cfg.robust else "off"} |
+| adversarial erasing | {f"`--robust` ({cfg.robust_adversary}): {cfg.robust_tokens} prefix embeddings, {cfg.robust_steps} attack steps (lr {cfg.robust_lr}) every {cfg.robust_every} iteration(s){f', {cfg.robust_images} images of the concept' if 'inversion' in cfg.robust_adversary else ''}" if cfg.robust else "off"} |
 | η (negative guidance) | {cfg.eta} — {ETA_CONVENTION} |
 | start guidance s | {cfg.start_guidance} |
 | iterations | {len(result.losses)} of {cfg.iterations}{" (stopped early)" if result.stopped_early else ""} |

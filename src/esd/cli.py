@@ -66,8 +66,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=EraseConfig, suppr
             parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=default, help=help_text)
             continue
-        parser.add_argument(_flag(f.name), dest=f.name, type=_arg_type(hints[f.name]), default=default,
-                            help=help_text, **meta)
+        kind = meta.pop("type", None) or _arg_type(hints[f.name])  # a field may bring its own parser
+        parser.add_argument(_flag(f.name), dest=f.name, type=kind, default=default, help=help_text, **meta)
 
 
 def explicit_fields(argv: list[str], cls=EraseConfig) -> set[str]:

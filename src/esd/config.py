@@ -7,6 +7,7 @@ Validation lives here too and raises `EsdError` naming the field.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -40,6 +41,29 @@ ETA_CONVENTION = (
 
 def _opt(help: str, **kw):
     return field(metadata={"help": help, **kw.pop("meta", {})}, **kw)
+
+
+ADVERSARIES = ("prefix", "word", "inversion")
+
+
+def adversary_modes(spec: str) -> tuple[str, ...]:
+    """--robust-adversary's kinds, in the order they take turns: 'prefix+inversion' -> ('prefix', 'inversion');
+    'both' is 'prefix+word' (the name it had first)."""
+    modes = ("prefix", "word") if spec == "both" else tuple(spec.split("+"))
+    unknown = [m for m in modes if m not in ADVERSARIES]
+    if unknown or not modes:
+        raise EsdError(f"--robust-adversary {spec!r}: {', '.join(map(repr, unknown)) or 'nothing'} is not a kind; "
+                       f"give one of {', '.join(ADVERSARIES)}, or several joined by '+' (e.g. prefix+inversion)")
+    return tuple(dict.fromkeys(modes))
+
+
+def _adversary_arg(text: str) -> str:
+    """argparse type of --robust-adversary: an unknown kind fails when the arguments are parsed."""
+    try:
+        adversary_modes(text)
+    except EsdError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 @dataclass
@@ -109,11 +133,16 @@ class EraseConfig:
         "the UnlearnDiffAtk prefix search (the code of `esd attack`) find --robust-tokens prefix embeddings that "
         "bring the concept back on the current model, and the erase term trains on the prefixed prompt too; "
         "pair it with --retain (SD1.x/SD2.x)", default=False)
-    robust_adversary: Literal["prefix", "word", "both"] = _opt(
+    robust_adversary: str = _opt(
         "--robust: where the inner attack's embeddings go: prefix (--robust-tokens before the prompt, as "
-        "UnlearnDiffAtk and AdvUnlearn), word (one embedding in place of the concept's word in its phrasing, as a "
-        "textual-inversion attack), both (alternating over the batch's examples)", default="prefix",
-        meta={"choices": ["prefix", "word", "both"]})
+        "UnlearnDiffAtk and AdvUnlearn), word (one embedding in place of the concept's word in its phrasing, at the "
+        "example's x_t), inversion (one embedding in the word's place, fitted as textual inversion fits it: to "
+        "denoise the original model's images of the concept, --robust-images of them, noised at any timestep; the "
+        "erase term then trains at those noised images too), or several joined by '+' taking turns over the "
+        "batch ('prefix+inversion'; both = prefix+word)", default="prefix",
+        meta={"metavar": "KIND[+KIND]", "type": _adversary_arg})
+    robust_images: int = _opt("--robust-adversary inversion: images of the concept the original model makes at "
+                              "setup, the inner attack's targets", default=8)
     robust_tokens: int = _opt("--robust: prefix embeddings the inner attack optimises", default=5)
     robust_steps: int = _opt("--robust: inner attack steps per refresh (warm-started from the last prefix)",
                              default=5)
@@ -213,13 +242,13 @@ class EraseConfig:
         if not math.isfinite(self.grad_clip) or self.grad_clip < 0:
             raise EsdError(f"--grad-clip must be a finite number >= 0 (0: off), got {self.grad_clip}")
         for name, choices in (("sample_from", ("esd", "frozen")), ("precision", ("auto", "fp32", "bf16", "fp16")),
-                              ("robust_adversary", ("prefix", "word", "both")),
                               ("lr_schedule", ("constant", "cosine")),
                               ("compvis_format", ("safetensors", "ckpt"))):
             if getattr(self, name) not in choices:
                 raise EsdError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "
                                f"got {getattr(self, name)!r}")
-        for name in ("robust_tokens", "robust_steps", "robust_every"):
+        adversary_modes(self.robust_adversary)  # raises on an unknown kind
+        for name in ("robust_tokens", "robust_steps", "robust_every", "robust_images"):
             if getattr(self, name) < 1:
                 raise EsdError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not math.isfinite(self.robust_lr) or self.robust_lr <= 0:

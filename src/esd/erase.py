@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from esd import __version__, resume
 from esd.attack.embeddings import slot_ids
-from esd.config import ETA_CONVENTION, EraseConfig
+from esd.config import ETA_CONVENTION, EraseConfig, adversary_modes
 from esd.distributed import (
     Dist,
     average_gradients,
@@ -39,8 +39,17 @@ from esd.distributed import (
     init_from_env,
 )
 from esd.errors import EsdError, NonFiniteLossError
-from esd.examples import Example, Slot, batch_loss, draw_example, held_prompts, prompts_needed  # noqa: F401  (re-exported)
+from esd.examples import (  # noqa: F401  (re-exported)
+    Example,
+    Slot,
+    batch_loss,
+    draw_example,
+    guidance_start,
+    held_prompts,
+    prompts_needed,
+)
 from esd.lora import exported
+from esd.loss import esd_target
 from esd.models import (
     default_image_size,
     describe_model,
@@ -56,17 +65,20 @@ from esd.models import (
     save_esd_weights,
 )
 from esd.networks import TRANSFORMER_FAMILIES, is_transformer, network
+from esd.phrasing import phrase
 from esd.prepare import PRECISIONS, auto_precision, autocast, prepare_unet  # noqa: F401  (prepare_unet re-exported)
 from esd.robust import (
     Adversary,
     TextConds,
     attack_example,
+    concept_images,
     encoder_drift,
     first_prefix,
+    noised,
     placement,
     text_encoder_params,
 )
-from esd.sampling import Cond, Denoiser, ddim_scheduler
+from esd.sampling import Cond, Denoiser, ddim_scheduler, predict_prompts
 from esd.weights import TEXT_ENCODER
 
 
@@ -153,6 +165,8 @@ class Setup:
     guidance: float  # the sampler's CFG scale: --start-guidance, or 1 where the pipeline samples without CFG (FLUX)
     text: TextConds | None = None  # the encoder as trained (--train-text-encoder) or prefixed (--robust)
     held: list[str] = field(default_factory=list)  # --text-retain-weight: the prompts whose encodings stay
+    # --robust-adversary inversion: the original model's images of the concept, (concept, phrasing, latent)
+    bank: list[tuple[str, str, torch.Tensor]] = field(default_factory=list)
 
     @property
     def sampler(self) -> Denoiser:
@@ -227,8 +241,22 @@ def setup(cfg: EraseConfig, pipe, explicit: set[str] | None, progress: bool) -> 
     if cfg.robust and not cfg.retain and progress:
         tqdm.write("--robust without --retain: nothing holds the rest of the model while the adversary pushes the "
                    "erase wider; pass --retain with prompts to keep (AdvUnlearn holds a set of captions)")
-    return Setup(cfg, pipe, device, d, params, trained, frozen, scheduler, conds, size, applied, guidance, text,
-                 held_prompts(cfg) if cfg.text_retain_weight else [])
+    s = Setup(cfg, pipe, device, d, params, trained, frozen, scheduler, conds, size, applied, guidance, text,
+              held_prompts(cfg) if cfg.text_retain_weight else [])
+    if cfg.robust and "inversion" in adversary_modes(cfg.robust_adversary) and not cfg.erase_from:
+        s.bank = image_bank(s)
+    return s
+
+
+def image_bank(s: Setup) -> list[tuple[str, str, torch.Tensor]]:
+    """--robust-adversary inversion: --robust-images images of the concepts by the original model, in turn over
+    the concepts and their phrasings, so the inner attack sees every way the concept is asked for."""
+    cfg, contexts = s.cfg, s.cfg.contexts or ["{}"]
+    pairs = [(cfg.concepts[i % len(cfg.concepts)], contexts[i % len(contexts)]) for i in range(cfg.robust_images)]
+    with autocast(cfg, s.device):
+        x_0 = concept_images(s.frozen, s.scheduler, [s.conds[phrase(c, w)] for w, c in pairs], s.conds[""],
+                             s.latent_shape, s.guidance, cfg.seed, cfg.guidance_batch)
+    return [(w, c, x[None]) for (w, c), x in zip(pairs, x_0, strict=True)]
 
 
 def erase(cfg: EraseConfig, pipe=None, progress: bool = True,
@@ -306,7 +334,7 @@ def train_step(s: Setup, state: resume.TrainState, i: int, out: Path) -> tuple[f
                               sample_conds) for slot in state.slots]
         if cfg.robust:
             for n, (slot, example) in enumerate(zip(state.slots, batch, strict=True)):
-                example.adversary = adversary(s, slot, example, (n + i) % 2, i % cfg.robust_every == 0)
+                example.adversary = adversary(s, slot, example, n + i, i % cfg.robust_every == 0)
         loss = batch_loss(cfg, s.trained, batch, s.text)
         if cfg.text_retain_weight:  # every kept prompt's encoding, each step: the encoder moves them all at once
             loss = loss + cfg.text_retain_weight * encoder_drift(s.text, s.conds, s.held)
@@ -332,28 +360,49 @@ def train_step(s: Setup, state: resume.TrainState, i: int, out: Path) -> tuple[f
 
 def adversary(s: Setup, slot: Slot, example: Example, turn: int, refresh: bool) -> Adversary:
     """--robust: this example's adversarial prompt, the slot's embeddings for its placement, refreshed by the inner
-    attack when due. `turn` (0/1) picks the placement with --robust-adversary both, alternating over the batch's
+    attack when due. With several --robust-adversary kinds, `turn` picks one: they alternate over the batch's
     slots and the iterations."""
     cfg = s.cfg
-    mode = cfg.robust_adversary if cfg.robust_adversary != "both" else ("prefix", "word")[turn]
-    mode = "prefix" if cfg.erase_from else mode  # with --erase-from the prompt ε_θ sees does not name the concept
+    modes = adversary_modes(cfg.robust_adversary)
+    mode = "prefix" if cfg.erase_from else modes[turn % len(modes)]  # with --erase-from ε_θ's prompt does not name
+    if mode == "inversion":                                          # the concept: no word to replace
+        return inversion_adversary(s, slot, refresh)
     where = placement(mode, example.text, example.context)
     if refresh or mode not in slot.adversaries:
-        refresh_adversary(s, slot, example, mode, where)
+        refresh_adversary(s, slot, mode, where, example.x_t, example.t, example.concept_eps)
     vectors = slot.adversaries[mode]
     ids, mask = slot_ids(s.pipe.tokenizer, where[0], len(vectors), where[1])
     return Adversary(ids, mask, vectors)
 
 
-def refresh_adversary(s: Setup, slot: Slot, example: Example, mode: str, where: tuple[str, str]) -> None:
-    """--robust: a few steps of the inner attack on this example, warm-started from the slot's last embeddings
-    of this placement (between refreshes they are used as they are): --robust-tokens for a prefix, one for a word."""
+def inversion_adversary(s: Setup, slot: Slot, refresh: bool) -> Adversary:
+    """--robust-adversary inversion: an image of the bank noised at a random timestep, the slot's embedding in the
+    concept word's place of the image's phrasing (fitted, when due, to denoise it: the textual-inversion loss), and
+    Eq. 5's target there from the frozen model."""
+    w, context, x_0 = s.bank[int(torch.randint(len(s.bank), (1,), generator=slot.gen))]
+    x_t, t, truth = noised(s.scheduler, x_0, slot.gen)
+    where = placement("word", phrase(context, w), context)
+    if refresh or "inversion" not in slot.adversaries:
+        refresh_adversary(s, slot, "inversion", where, x_t, t, truth)
+    vectors = slot.adversaries["inversion"]
+    ids, mask = slot_ids(s.pipe.tokenizer, where[0], len(vectors), where[1])
+    with torch.no_grad():
+        start, concept = predict_prompts(s.frozen, x_t, t, [s.conds[guidance_start(s.cfg, context)],
+                                                            s.conds[phrase(context, w)]], s.cfg.guidance_batch)
+    return Adversary(ids, mask, vectors, x_t, t, esd_target(start, concept, s.cfg.eta))
+
+
+def refresh_adversary(s: Setup, slot: Slot, mode: str, where: tuple[str, str], x_t: torch.Tensor, t: torch.Tensor,
+                      goal: torch.Tensor) -> None:
+    """--robust: a few steps of the inner attack at (x_t, t) towards `goal`, warm-started from the slot's last
+    embeddings of this placement (between refreshes they are used as they are): --robust-tokens for a prefix, one
+    for a word."""
     cfg = s.cfg
     if mode not in slot.adversaries:
         n = cfg.robust_tokens if mode == "prefix" else 1
         slot.adversaries[mode] = first_prefix(s.pipe.tokenizer, s.pipe.text_encoder, n, slot.gen)
-    found, _ = attack_example(s.text, s.trained, *where, example.x_t, example.t, example.concept_eps,
-                              slot.adversaries[mode], cfg.robust_steps, cfg.robust_lr)
+    found, _ = attack_example(s.text, s.trained, *where, x_t, t, goal, slot.adversaries[mode], cfg.robust_steps,
+                              cfg.robust_lr)
     slot.adversaries[mode] = found.vectors
 
 

@@ -177,22 +177,27 @@ def kept_prompt(cfg: EraseConfig, pool: list[str], context: str, slot: Slot) -> 
 
 
 def batch_loss(cfg: EraseConfig, trained: Denoiser, batch: list[Example], text: TextConds | None = None) -> torch.Tensor:
-    """The Eq. 5 loss over the batch (and, with --robust, over its adversarially prefixed prompts: same x_t, t and
-    target), plus --retain-weight × the retain term, from one forward of ε_θ. `text`: the encoder being trained
+    """The Eq. 5 loss over the batch (and, with --robust, over its adversarial prompts: at the example's x_t, t and
+    target, or the inversion adversary's own), plus --retain-weight × the retain term, from one forward of ε_θ. `text`: the encoder being trained
     (--train-text-encoder: every prompt is re-encoded with gradients) or used for the prefixed prompts."""
     def own(cond: Cond, words: str | None) -> Cond:
         return text.grad(words) if text is not None and text.trains else cond
 
-    erase = list(batch) + [ex for ex in batch if ex.adversary is not None]
-    conds = [own(ex.prompt, ex.text) for ex in batch] + [text.prefixed(ex.adversary) for ex in erase[len(batch):]]
+    rows = [(ex.x_t, ex.t, ex.target) for ex in batch]  # the erase term's (x_t, t, target)
+    conds = [own(ex.prompt, ex.text) for ex in batch]
+    for ex in batch:
+        if (adv := ex.adversary) is not None:  # the example's x_t, t and target, or the adversary's (inversion)
+            rows.append((ex.x_t, ex.t, ex.target) if adv.x_t is None else (adv.x_t, adv.t, adv.target))
+            conds.append(text.prefixed(adv))
     held = [ex for ex in batch if ex.retain is not None]
     conds += [own(ex.retain[0], ex.retain_text) for ex in held]
-    x_t = torch.cat([ex.x_t for ex in erase] + [ex.retain[1] for ex in held])
-    t = torch.cat([ex.t for ex in erase] + [ex.t for ex in held])
+    x_t = torch.cat([x for x, _, _ in rows] + [ex.retain[1] for ex in held])
+    t = torch.cat([t for _, t, _ in rows] + [ex.t for ex in held])
     out = trained(x_t, t, functools.reduce(Cond.cat, conds))
-    loss = esd_loss(out[:len(erase)], torch.cat([ex.target for ex in erase]))
+    n = len(rows)
+    loss = esd_loss(out[:n], torch.cat([target for _, _, target in rows]))
     if held:  # ‖ε_θ(x_t^r, r, t) − ε*(x_t^r, r, t)‖²: what the erase must not move
-        loss = loss + cfg.retain_weight * esd_loss(out[len(erase):], torch.cat([ex.retain[2] for ex in held]))
+        loss = loss + cfg.retain_weight * esd_loss(out[n:], torch.cat([ex.retain[2] for ex in held]))
     return loss
 
 

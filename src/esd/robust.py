@@ -15,6 +15,13 @@ textual-inversion attack's form), a search over every way of naming the concept 
 embeddings are free (not projected to tokens): a continuous prefix is a stronger adversary than any typed one,
 and the textual-inversion attack is a continuous embedding too. γ ℓ_retain is `--retain`/`--retain-weight`.
 
+Both adversaries work at x_t the sampler made, which after a few iterations no longer shows the concept. The
+textual-inversion attack (`esd attack --attack textual-inversion`) works elsewhere: at the original model's images
+of the concept, noised at any timestep, where it finds a word under which the erased UNet still denoises them.
+`--robust-adversary inversion` fits its embedding there, with the same objective (STEREO, Srivatsan et al. 2024,
+searches the same way), and the erase term then trains on those noised images too: Eq. 5's target at x_t' =
+√ᾱ_t' x_0 + √(1−ᾱ_t') ε, for x_0 a bank of `--robust-images` images the original model made at setup.
+
 `--train-text-encoder` adds the text encoder's transformer layers to θ, as AdvUnlearn trains them. Then the
 frozen model's conditioning is still the original encoder's (encoded once, before training), while the model
 being trained samples x_t and predicts with its own, re-encoded every iteration (`TextConds`).
@@ -22,6 +29,7 @@ being trained samples x_t and predicts with its own, re-encoded every iteration 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -29,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from esd.attack.embeddings import Vocabulary, encode, slot_ids, token_embedding
+from esd.attack.embeddings import Vocabulary, encode, slot_ids, token_embedding, training_target
 from esd.attack.unlearndiff import search_prefix
-from esd.sampling import Cond, Denoiser
+from esd.sampling import Cond, Denoiser, ddim_states
 from esd.weights import TEXT_ENCODER
 
 
@@ -83,11 +91,38 @@ class TextConds(Mapping[str, Cond]):
 @dataclass
 class Adversary:
     """A prompt with adversarial embeddings (a prefix, or in the concept word's place): its ids with slots, the
-    slots' mask, the vectors (k, D)."""
+    slots' mask, the vectors (k, D); for the inversion adversary also its own x_t, t and Eq. 5 target (else the
+    example's are used)."""
 
     ids: Tensor
     mask: Tensor
     vectors: Tensor
+    x_t: Tensor | None = None
+    t: Tensor | None = None
+    target: Tensor | None = None
+
+
+@torch.no_grad()
+def concept_images(frozen: Denoiser, scheduler, prompts: list[Cond], uncond: Cond, latent_shape: tuple[int, ...],
+                   guidance: float, seed: int, batched: bool = True) -> Tensor:
+    """--robust-adversary inversion: the original model's images (latents, (n, C, h, w)) of the concept, one per
+    prompt, sampled once at setup by the erase's own DDIM sampler from noise drawn from `seed` (the same bank
+    again on resume). The last DDIM state is at the grid's lowest timestep, close enough to clean for targets
+    that are noised again."""
+    generator = torch.Generator().manual_seed(seed)
+    z_T = torch.randn((len(prompts), *latent_shape[1:]), generator=generator)
+    z_T = z_T.to(uncond.embeds.device, uncond.embeds.dtype)
+    *_, x_0 = ddim_states(frozen, scheduler, z_T, functools.reduce(Cond.cat, prompts), uncond, guidance, batched)
+    return x_0
+
+
+def noised(scheduler, x_0: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """(x_t, t, the training target at x_t) for one image of the bank, t uniform over the whole schedule, as
+    textual inversion draws them."""
+    t = torch.randint(int(scheduler.config.num_train_timesteps), (1,), generator=generator)
+    noise = torch.randn(x_0.shape, generator=generator).to(x_0.device, x_0.dtype)
+    t = t.to(x_0.device)
+    return scheduler.add_noise(x_0, noise, t), t.float(), training_target(scheduler, x_0, noise, t)
 
 
 def encoder_drift(text: TextConds, original: Mapping[str, Cond], prompts: list[str]) -> Tensor:

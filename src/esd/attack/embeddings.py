@@ -172,13 +172,20 @@ def draw_noise(latents: Tensor, generator: torch.Generator, timesteps: tuple[int
     return t.to(latents.device), noise.to(latents.device, latents.dtype)
 
 
+def training_target(scheduler, latents: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+    """What the network learned to predict at `scheduler.add_noise(latents, noise, t)`: the noise for
+    ε-prediction, the velocity for v-prediction, the clean latents for sample prediction."""
+    kind = scheduler.config.get("prediction_type", "epsilon")
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, t)
+    return latents if kind == "sample" else noise
+
+
 def denoising_loss(unet, scheduler, latents: Tensor, embeds: Tensor, t: Tensor, noise: Tensor) -> Tensor:
     """Mean squared error between the UNet's output at the noised latents and its target: the noise for
     ε-prediction, the velocity for v-prediction (the training loss of the model, on the attack's images)."""
     x_t = scheduler.add_noise(latents, noise, t)
-    kind = scheduler.config.get("prediction_type", "epsilon")
-    target = scheduler.get_velocity(latents, noise, t) if kind == "v_prediction" else (
-        latents if kind == "sample" else noise)
+    target = training_target(scheduler, latents, noise, t)
     embeds = embeds.expand(len(latents), *embeds.shape[1:]) if len(embeds) == 1 else embeds
     pred = unet(x_t, t, encoder_hidden_states=embeds.to(x_t.dtype)).sample
     return F.mse_loss(pred.float(), target.float())
