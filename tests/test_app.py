@@ -118,6 +118,13 @@ def test_compare_original_and_erased_same_seeds(app, finished_run):
     assert again[0][0].tobytes() == original[0][0].tobytes(), "the base weights were not restored after compare"
 
 
+def test_a_new_run_fills_the_compare_prompt_unless_the_user_typed_one():
+    assert A.compare_prompt("", "", "circle") == "circle"  # first run: the concept
+    assert A.compare_prompt("circle", "circle", "square") == "square"  # the tab's own fill follows the run
+    assert A.compare_prompt("a red circle", "circle", "square") == "a red circle"  # typed by the user: kept
+    assert A.compare_prompt("  ", "circle", "square") == "square"
+
+
 def test_caps_on_image_counts(app, finished_run):
     job, _ = finished_run
     for steps, per_prompt in [(0, 1), (S.MAX_SAMPLE_STEPS + 1, 1), (5, S.MAX_IMAGES_PER_PROMPT + 1)]:

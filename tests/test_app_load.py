@@ -97,7 +97,7 @@ def _one_client(url: str, concept: str, seed: int, folder: Path, counter: Counte
     assert "Finished" in status, status
     run = re.search(r"Run `([^`]+)` saved", status).group(1)
     original, erased, _ = counter.call("compare", client.predict, f"a {concept}", seed, 2, 1, api_name="/compare")
-    label, prompt = counter.call("session run", client.predict, api_name="/session_run")
+    label, prompt = counter.call("session run", client.predict, "", api_name="/session_run")
     counter.call("list runs", client.predict, api_name="/list_runs")  # the dropdown learns the new runs
     info, files = counter.call("run files", client.predict, run, api_name="/run_files")  # downloads them too
     with counter.lock:

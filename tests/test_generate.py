@@ -35,6 +35,14 @@ def test_product_is_prompt_major_and_seeds_matter(tiny_pipe):
     assert np.abs(_pixels(images[0]) - _pixels(images[1])).mean() > 10
 
 
+def test_progress_counts_images_not_batches(tiny_pipe, capsys):
+    tiny_pipe.set_progress_bar_config(disable=True)
+    generate_product(tiny_pipe, PROMPTS, [0], steps=1, batch_size=2, progress=True)
+    err = capsys.readouterr().err
+    # the total is the images (3, made in batches of 2 and 1), not the batches (2)
+    assert "images:" in err and "0/3" in err and "image/s" in err and "/2 " not in err, err
+
+
 def _solid(colour: tuple[int, int, int], size: int = 8) -> Image.Image:
     """A small image with one marked pixel, so a misplaced or mirrored paste shows."""
     image = Image.new("RGB", (size, size), colour)

@@ -168,6 +168,15 @@ def _shown(handler):
     return wrapped
 
 
+def compare_prompt(current: str, last_filled: str, concept: str) -> str:
+    """The Compare tab's prompt when a run arrives: the run's concept, unless the user has typed their own.
+
+    A prompt the tab filled in itself (or none) follows the new run; one the user typed is theirs and stays, so a
+    run that finishes while they type does not overwrite it.
+    """
+    return concept if current.strip() in ("", last_filled.strip()) else current
+
+
 def compare_tab(gr, app: EsdApp, run) -> None:
     """Same prompt, same seed: original on the left, erased on the right."""
     with gr.Tab("Compare", id="compare"):
@@ -185,14 +194,17 @@ def compare_tab(gr, app: EsdApp, run) -> None:
         verdicts = gr.Dataframe(headers=["prompt", "seed", "original (classifier)", "erased (classifier)"],
                                 visible=app.is_testbed, label="testbed classifier verdicts", elem_id="verdicts")
 
-    def on_run(name: str):
+    filled = gr.State("")  # the prompt this tab last filled in for a run
+
+    def on_run(name: str, current: str, last_filled: str):
         if not name:
-            return gr.skip(), gr.skip()
+            return gr.skip(), gr.skip(), gr.skip()
         text, _ = app.run_summary(name)
         concepts = run_metadata(resolve_run(app.output_dir, name))[0].concepts
-        return text, (concepts or [""])[0]
+        shown = compare_prompt(current, last_filled, (concepts or [""])[0])
+        return text, shown, shown
 
-    run.change(_shown(on_run), run, [label, prompt], api_name="session_run")
+    run.change(_shown(on_run), [run, prompt, filled], [label, prompt, filled], api_name="session_run")
     button.click(_shown(app.compare), [run, prompt, seed, steps, per_prompt], [original, erased, verdicts],
                  concurrency_limit=1, concurrency_id="model", api_name="compare")
 

@@ -66,11 +66,13 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int = DEFAULT_ST
     """One image per (prompts[i], seeds[i]), `batch_size` per pipeline call; each image has its own CPU
     generator seeded with its seed, so batching and the device do not change which noise it starts from."""
     images: list[Image.Image] = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="images", disable=not progress, leave=False):
-        chunk = slice(start, start + batch_size)
-        generators = [torch.Generator().manual_seed(int(s)) for s in seeds[chunk]]
-        images += pipe(prompt=prompts[chunk], generator=generators, num_inference_steps=steps,
-                       guidance_scale=guidance, height=size, width=size).images
+    with tqdm(total=len(prompts), desc="images", unit="image", disable=not progress, leave=False) as bar:
+        for start in range(0, len(prompts), batch_size):
+            chunk = slice(start, start + batch_size)
+            generators = [torch.Generator().manual_seed(int(s)) for s in seeds[chunk]]
+            images += pipe(prompt=prompts[chunk], generator=generators, num_inference_steps=steps,
+                           guidance_scale=guidance, height=size, width=size).images
+            bar.update(len(generators))
     return images
 
 

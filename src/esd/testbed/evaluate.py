@@ -187,8 +187,11 @@ def evaluate_testbed(
     classifier_path: str | Path | None = None,
     batch_size: int = 128,
     prompt_set: str = "full",
+    progress: bool = True,
 ) -> dict:
-    """Generate, classify and write `metrics.json` and `grid.png` to `output_dir`; returns the metrics."""
+    """Generate, classify and write `metrics.json` and `grid.png` to `output_dir`; returns the metrics.
+
+    `progress`: a bar over the images (a full evaluation is minutes of CPU; benchmark logs show where it is)."""
     erased = check_concept(erased)
     if seeds_per_prompt < 1 or steps < 1:
         raise EsdError(f"seeds_per_prompt and steps must be >= 1, got {seeds_per_prompt} and {steps}")
@@ -199,7 +202,8 @@ def evaluate_testbed(
 
     specs = testbed_prompts(prompt_set)
     seeds = list(range(seeds_per_prompt))
-    images = generate_product(pipe, [s.prompt for s in specs], seeds, steps, guidance, batch_size=batch_size)
+    images = generate_product(pipe, [s.prompt for s in specs], seeds, steps, guidance, batch_size=batch_size,
+                              progress=progress)
     per_prompt = judge(specs, classifier.classify(images), seeds_per_prompt)
     metrics = {
         "erased": erased,
