@@ -20,7 +20,7 @@ from esd.cli import main
 from esd.config import EraseConfig
 from esd.erase import erase, parameter_of
 from esd.errors import EsdError, NonFiniteLossError
-from esd.resume import checkpoints, latest, read_state
+from esd.resume import checkpoints, differences, latest, read_state
 from esd.tiny import tiny_sd_pipeline
 from esd.weights import load_esd_weights
 
@@ -153,6 +153,16 @@ def test_other_settings_are_refused_naming_them_and_the_flags(tiny_pipe, tmp_pat
                    gradient_checkpointing=False)
     _assert_equal(erase(neutral, pipe=pipe, progress=False), pipe, reference("plain"))
     assert not (tmp_path / "out" / ".checkpoint-9.tmp").exists()
+
+
+def test_robust_settings_block_a_resume_only_when_the_run_is_robust():
+    old, new = EraseConfig(concept="circle", robust_images=8), EraseConfig(concept="circle", robust_images=16)
+    assert differences(old, new) == {}  # a default --robust changed between releases: a plain run still resumes
+    robust = {"robust": True}
+    assert differences(EraseConfig(concept="circle", robust_images=8, **robust),
+                       EraseConfig(concept="circle", robust_images=16, **robust)) == {"robust_images": (8, 16)}
+    assert differences(old, EraseConfig(concept="circle", robust_images=16, **robust)) == {
+        "robust": (False, True), "robust_images": (8, 16)}
 
 
 def test_resume_latest_forces_changed_settings_and_overwrite_starts_again(tiny_pipe, tmp_path, reference, capsys):

@@ -179,7 +179,7 @@ def test_robust_erase_writes_exactly_the_selected_unet_tensors(tiny_pipe, tmp_pa
     written = load_file(str(tmp_path / "out" / "esd.safetensors"))
     assert set(written) == set(select_parameters(copy.deepcopy(tiny_pipe).unet, "xattn")) == set(result.trained)
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "`--robust` (prefix): 5 prefix embeddings, 2 attack steps" in card and "| text encoder | frozen |" in card
+    assert "`--robust` (prefix+inversion): 5 prefix embeddings, 2 attack steps" in card and "| text encoder | frozen |" in card
     # the run differs from the plain erase (the adversarial rows moved θ), both finite
     plain = copy.deepcopy(tiny_pipe)
     erase(_cfg(tmp_path / "plain", retain=["a blue square"]), pipe=plain, progress=False)

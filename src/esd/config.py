@@ -130,19 +130,21 @@ class EraseConfig:
                                  default=None, meta={"metavar": "R"})
     robust: bool = _opt(
         "opt-in adversarial erasing (AdvUnlearn, Zhang et al. 2024): every --robust-every iterations a few steps of "
-        "the UnlearnDiffAtk prefix search (the code of `esd attack`) find --robust-tokens prefix embeddings that "
-        "bring the concept back on the current model, and the erase term trains on the prefixed prompt too; "
-        "pair it with --retain (SD1.x/SD2.x)", default=False)
+        "an inner attack (the code of `esd attack`) find embeddings that bring the concept back on the current "
+        "model, placed as --robust-adversary says, and the erase term trains on them too; pair it with --retain "
+        "(SD1.x/SD2.x)", default=False)
     robust_adversary: str = _opt(
         "--robust: where the inner attack's embeddings go: prefix (--robust-tokens before the prompt, as "
         "UnlearnDiffAtk and AdvUnlearn), word (one embedding in place of the concept's word in its phrasing, at the "
         "example's x_t), inversion (one embedding in the word's place, fitted as textual inversion fits it: to "
         "denoise the original model's images of the concept, --robust-images of them, noised at any timestep; the "
         "erase term then trains at those noised images too), or several joined by '+' taking turns over the "
-        "batch ('prefix+inversion'; both = prefix+word)", default="prefix",
+        "batch (the default, prefix+inversion, held both attacks of `esd attack` down on the testbed where prefix "
+        "alone did not stop textual inversion; both = prefix+word)", default="prefix+inversion",
         meta={"metavar": "KIND[+KIND]", "type": _adversary_arg})
     robust_images: int = _opt("--robust-adversary inversion: images of the concept the original model makes at "
-                              "setup, the inner attack's targets", default=8)
+                              "setup, the inner attack's targets, in turn over --contexts (enough to cover each "
+                              "phrasing: at 8 of the testbed's 12 the phrasings left out came back)", default=16)
     robust_tokens: int = _opt("--robust: prefix embeddings the inner attack optimises", default=5)
     robust_steps: int = _opt("--robust: inner attack steps per refresh (warm-started from the last prefix)",
                              default=5)

@@ -82,10 +82,17 @@ def read_state(path: Path) -> dict:
         raise EsdError(f"{path}: not a readable checkpoint ({err})") from err
 
 
+# Settings read only by --robust: without it on both sides they do not change training, so a checkpoint written
+# before a release changed one of their defaults still resumes.
+ROBUST_ONLY = frozenset({"robust_adversary", "robust_images", "robust_tokens", "robust_steps", "robust_every",
+                         "robust_lr"})
+
+
 def differences(saved: EraseConfig, cfg: EraseConfig) -> dict[str, tuple]:
     """{field: (checkpoint's value, this run's)} for the settings that change training."""
     a, b = dataclasses.asdict(saved), dataclasses.asdict(cfg)
-    return {k: (a[k], b[k]) for k in a if k not in NEUTRAL and a[k] != b[k]}
+    unread = NEUTRAL | (ROBUST_ONLY if not (saved.robust or cfg.robust) else frozenset())
+    return {k: (a[k], b[k]) for k in a if k not in unread and a[k] != b[k]}
 
 
 def resume_point(cfg: EraseConfig, out: Path, main: bool) -> Path | None:
