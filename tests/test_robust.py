@@ -157,7 +157,8 @@ def test_adversary_kinds_take_turns_and_unknown_kinds_fail_at_parsing(capsys, tm
 
 
 def test_inversion_adversary_erase_fits_its_word_to_the_bank_and_writes_the_unet_tensors(tiny_pipe, tmp_path):
-    from esd.erase import image_bank, setup
+    from esd.adversary import image_bank
+    from esd.erase import setup
 
     cfg = _cfg(tmp_path / "inv", robust=True, robust_steps=2, robust_adversary="inversion", robust_images=3,
                contexts=["{}", "a {}"], retain=["a blue square"])

@@ -144,7 +144,8 @@ class EraseConfig:
         meta={"metavar": "KIND[+KIND]", "type": _adversary_arg})
     robust_images: int = _opt("--robust-adversary inversion: images of the concept the original model makes at "
                               "setup, the inner attack's targets, in turn over --contexts (enough to cover each "
-                              "phrasing: at 8 of the testbed's 12 the phrasings left out came back)", default=16)
+                              "phrasing: at 8, two of the testbed's 12 with a style, styled prompts came back)",
+                              default=16)
     robust_tokens: int = _opt("--robust: prefix embeddings the inner attack optimises", default=5)
     robust_steps: int = _opt("--robust: inner attack steps per refresh (warm-started from the last prefix)",
                              default=5)

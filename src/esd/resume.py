@@ -84,8 +84,7 @@ def read_state(path: Path) -> dict:
 
 # Settings read only by --robust: without it on both sides they do not change training, so a checkpoint written
 # before a release changed one of their defaults still resumes.
-ROBUST_ONLY = frozenset({"robust_adversary", "robust_images", "robust_tokens", "robust_steps", "robust_every",
-                         "robust_lr"})
+ROBUST_ONLY = frozenset(f.name for f in dataclasses.fields(EraseConfig) if f.name.startswith("robust_"))
 
 
 def differences(saved: EraseConfig, cfg: EraseConfig) -> dict[str, tuple]:
