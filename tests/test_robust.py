@@ -136,10 +136,11 @@ def test_the_image_bank_is_the_frozen_models_samples_and_noised_as_for_training(
     z_T = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(5))
     *_, last = ddim_states(frozen, scheduler, z_T, Cond.cat(*prompts), null, 3.0)
     assert torch.allclose(bank, last)
-    x_t, t, truth = noised(scheduler, bank[:1], torch.Generator().manual_seed(0))
-    g = torch.Generator().manual_seed(0)  # t uniform over the whole schedule, then the noise, as textual inversion
+    x_t, t, truth = noised(scheduler, bank[:1], torch.Generator().manual_seed(0), (0, 1000))
+    g = torch.Generator().manual_seed(0)  # t uniform over the whole schedule (the default), then the noise
     step, noise = torch.randint(1000, (1,), generator=g), torch.randn((1, 4, 8, 8), generator=g)
     assert t.dtype == torch.float32 and t.item() == step.item() and torch.equal(truth, noise)  # ε-prediction
+    assert all(700 <= noised(scheduler, bank[:1], g, (700, 1000))[1].item() < 1000 for _ in range(50))
     a = scheduler.alphas_cumprod[step.item()]
     assert torch.allclose(x_t, a.sqrt() * bank[:1] + (1 - a).sqrt() * noise, atol=1e-5)
 
@@ -147,12 +148,16 @@ def test_the_image_bank_is_the_frozen_models_samples_and_noised_as_for_training(
 def test_adversary_kinds_take_turns_and_unknown_kinds_fail_at_parsing(capsys, tmp_path):
     assert adversary_modes("both") == ("prefix", "word")
     assert adversary_modes("prefix+inversion") == ("prefix", "inversion")
-    assert adversary_modes("inversion+inversion") == ("inversion",)
+    assert adversary_modes("prefix+inversion+inversion") == ("prefix", "inversion", "inversion")
     with pytest.raises(EsdError, match="'inverse' is not a kind.*prefix, word, inversion"):
         EraseConfig(concept="circle", robust_adversary="prefix+inverse").validate()
     with pytest.raises(SystemExit) as exit_:
         main(["erase", "--concept", "circle", "--robust-adversary", "prefix+inverse", "--output", str(tmp_path)])
     assert exit_.value.code == 2 and "'inverse' is not a kind" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+    with pytest.raises(SystemExit) as exit_:
+        main(["erase", "--concept", "circle", "--robust-timesteps", "900:100", "--output", str(tmp_path)])
+    assert exit_.value.code == 2 and "--robust-timesteps 900:100: need 0 <= LOW < HIGH <= 1000" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
 

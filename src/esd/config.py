@@ -48,13 +48,39 @@ ADVERSARIES = ("prefix", "word", "inversion")
 
 def adversary_modes(spec: str) -> tuple[str, ...]:
     """--robust-adversary's kinds, in the order they take turns: 'prefix+inversion' -> ('prefix', 'inversion');
+    a kind named twice takes two turns in each round ('prefix+inversion+inversion': two slots in three invert);
     'both' is 'prefix+word' (the name it had first)."""
     modes = ("prefix", "word") if spec == "both" else tuple(spec.split("+"))
     unknown = [m for m in modes if m not in ADVERSARIES]
     if unknown or not modes:
         raise EsdError(f"--robust-adversary {spec!r}: {', '.join(map(repr, unknown)) or 'nothing'} is not a kind; "
                        f"give one of {', '.join(ADVERSARIES)}, or several joined by '+' (e.g. prefix+inversion)")
-    return tuple(dict.fromkeys(modes))
+    return modes
+
+
+# The noisiest 30% of the training timesteps, where an image's layout and concept are decided: the attacks fit
+# their embeddings there.
+DEFAULT_TIMESTEPS = "700:1000"
+
+
+def parse_timesteps(text: str, flag: str = "--timesteps", total: int = 1000) -> tuple[int, int]:
+    """`LOW:HIGH` -> (low, high), 0 <= low < high <= total."""
+    try:
+        low, high = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise EsdError(f"{flag} {text!r}: expected LOW:HIGH, e.g. {DEFAULT_TIMESTEPS}") from None
+    if not 0 <= low < high <= total:
+        raise EsdError(f"{flag} {text}: need 0 <= LOW < HIGH <= {total}")
+    return low, high
+
+
+def _timesteps_arg(text: str) -> str:
+    """argparse type of --robust-timesteps: a malformed range fails when the arguments are parsed."""
+    try:
+        parse_timesteps(text, "--robust-timesteps")
+    except EsdError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def _adversary_arg(text: str) -> str:
@@ -139,13 +165,18 @@ class EraseConfig:
         "example's x_t), inversion (one embedding in the word's place, fitted as textual inversion fits it: to "
         "denoise the original model's images of the concept, --robust-images of them, noised at any timestep; the "
         "erase term then trains at those noised images too), or several joined by '+' taking turns over the "
-        "batch (the default, prefix+inversion, held both attacks of `esd attack` down on the testbed where prefix "
+        "batch, a kind named twice taking two turns (the default, prefix+inversion, held both attacks of `esd attack` down on the testbed where prefix "
         "alone did not stop textual inversion; both = prefix+word)", default="prefix+inversion",
         meta={"metavar": "KIND[+KIND]", "type": _adversary_arg})
     robust_images: int = _opt("--robust-adversary inversion: images of the concept the original model makes at "
                               "setup, the inner attack's targets, in turn over --contexts (enough to cover each "
                               "phrasing: at 8, two of the testbed's 12 with a style, styled prompts came back)",
                               default=16)
+    robust_timesteps: str = _opt("--robust-adversary inversion: LOW:HIGH, the training timesteps the bank's images "
+                                 "are noised at: the whole schedule, as textual inversion draws them, or e.g. "
+                                 f"{DEFAULT_TIMESTEPS}, where `esd attack` fits its embeddings (on the testbed no "
+                                 "better: docs/design.md)", default="0:1000",
+                                 meta={"metavar": "LOW:HIGH", "type": _timesteps_arg})
     robust_tokens: int = _opt("--robust: prefix embeddings the inner attack optimises", default=5)
     robust_steps: int = _opt("--robust: inner attack steps per refresh (warm-started from the last prefix)",
                              default=5)
@@ -251,6 +282,7 @@ class EraseConfig:
                 raise EsdError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "
                                f"got {getattr(self, name)!r}")
         adversary_modes(self.robust_adversary)  # raises on an unknown kind
+        parse_timesteps(self.robust_timesteps, "--robust-timesteps")
         for name in ("robust_tokens", "robust_steps", "robust_every", "robust_images"):
             if getattr(self, name) < 1:
                 raise EsdError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")

@@ -116,10 +116,11 @@ def concept_images(frozen: Denoiser, scheduler, prompts: list[Cond], uncond: Con
     return x_0
 
 
-def noised(scheduler, x_0: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-    """(x_t, t, the training target at x_t) for one image of the bank, t uniform over the whole schedule, as
-    textual inversion draws them."""
-    t = torch.randint(int(scheduler.config.num_train_timesteps), (1,), generator=generator)
+def noised(scheduler, x_0: Tensor, generator: torch.Generator,
+           timesteps: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
+    """(x_t, t, the training target at x_t) for one image of the bank, t uniform in [low, high) of `timesteps`
+    (--robust-timesteps: `esd attack`'s range, or the whole schedule as textual inversion draws them)."""
+    t = torch.randint(*timesteps, (1,), generator=generator)
     noise = torch.randn(x_0.shape, generator=generator).to(x_0.device, x_0.dtype)
     t = t.to(x_0.device)
     return scheduler.add_noise(x_0, noise, t), t.float(), training_target(scheduler, x_0, noise, t)

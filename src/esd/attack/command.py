@@ -35,6 +35,7 @@ from esd.attack import unlearndiff as U
 from esd.attack.embeddings import Vocabulary, concept_token_ids, encode_images
 from esd.attack.judges import JUDGED_SUITES, Judge, make_judge
 from esd.attack.report import EMBEDS_FILE, image_paths, rate, summarise, write_outputs
+from esd.config import DEFAULT_TIMESTEPS, parse_timesteps
 from esd.errors import EsdError
 from esd.evaluate.generate import DEFAULT_GUIDANCE, DEFAULT_STEPS, PromptRow, generate
 from esd.evaluate.provenance import sha256_file, unet_sha256
@@ -45,7 +46,6 @@ from esd.weights import apply_esd_weights, atomic_path, load_esd_weights
 
 ATTACKS = ("unlearndiff", "textual-inversion")
 DEFAULT_BUDGET = {"unlearndiff": {"steps": 40, "lr": 0.01}, "textual-inversion": {"steps": 200, "lr": 5e-3}}
-DEFAULT_TIMESTEPS = "700:1000"
 
 
 def register(subparsers) -> None:
@@ -103,17 +103,6 @@ def register(subparsers) -> None:
 
 
 # ------------------------------------------------------------------------------------------ checks
-
-
-def parse_timesteps(text: str, total: int = 1000) -> tuple[int, int]:
-    """`LOW:HIGH` -> (low, high), 0 <= low < high <= total."""
-    try:
-        low, high = (int(x) for x in text.split(":"))
-    except ValueError:
-        raise EsdError(f"--timesteps {text!r}: expected LOW:HIGH, e.g. {DEFAULT_TIMESTEPS}") from None
-    if not 0 <= low < high <= total:
-        raise EsdError(f"--timesteps {text}: need 0 <= LOW < HIGH <= {total}")
-    return low, high
 
 
 def check_args(args: argparse.Namespace) -> None:
