@@ -231,3 +231,22 @@ def test_model_folder_recommendations_fill_only_the_flags_not_given(tiny_pipe_di
         cfg = EraseConfig.from_json(f.metadata()["esd_config"])
     assert (cfg.iterations, cfg.lr, cfg.eta) == (3, 1e-5, 2.0)  # --lr given: kept; the others recommended
     assert "iterations=3, eta=2.0" in (out / "README.md").read_text()
+
+
+def test_robust_recommendations_apply_only_to_a_robust_erase(tiny_pipe_dir, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_pipe_dir, model)
+    (model / "esd.json").write_text(json.dumps({"erase_defaults": {"iterations": 3},
+                                                "erase_defaults_robust": {"iterations": 2, "robust_lr": 0.05}}))
+    common = ["--concept", "a red circle", "--model", str(model), "--ddim-steps", "2", "--grid-steps", "0",
+              "--device", "cpu"]
+    for flags, expected in [([], (3, 0.01)), (["--robust", "--robust-images", "2", "--robust-steps", "1"], (2, 0.05)),
+                            (["--robust", "--robust-images", "2", "--robust-steps", "1", "--iterations", "1"],
+                             (1, 0.05))]:
+        out = tmp_path / f"out{len(flags)}"
+        assert main(["erase", *common, *flags, "--output", str(out)]) == 0
+        with safe_open(str(out / "esd.safetensors"), "pt") as f:
+            cfg = EraseConfig.from_json(f.metadata()["esd_config"])
+        assert (cfg.iterations, cfg.robust_lr) == expected

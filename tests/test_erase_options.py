@@ -57,6 +57,17 @@ def test_the_kinds_other_words_are_held_in_the_same_phrasings():
     assert recommended_settings(own, ["circle"])[0]["siblings"] == ["square"]
 
 
+def test_robust_settings_go_over_the_words_only_with_robust():
+    notes = {**NOTES, "erase_defaults_by_word": {"circle": {"iterations": 300, "eta": 2.0}},
+             "erase_defaults_robust": {"iterations": 450}}
+    assert recommended_settings(notes, ["circle"]) == ({"iterations": 300, "lr": 1e-3, "method": "noxattn",
+                                                        "eta": 2.0}, "shape")
+    assert recommended_settings(notes, ["circle"], robust=True) == ({"iterations": 450, "lr": 1e-3,
+                                                                     "method": "noxattn", "eta": 2.0}, "shape")
+    assert recommended_settings(notes, ["dog"], robust=True) == ({"iterations": 450, "lr": 1e-3}, None)
+    assert recommended_settings(NOTES, ["circle"], robust=True) == recommended_settings(NOTES, ["circle"])
+
+
 def test_cosine_schedule_decays_to_zero_and_constant_stays():
     cfg = EraseConfig(concept="x", iterations=100, lr_schedule="cosine")
     assert lr_factor(cfg, 0) == 1.0 and lr_factor(cfg, 50) == pytest.approx(0.5)

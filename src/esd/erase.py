@@ -190,7 +190,7 @@ def setup(cfg: EraseConfig, pipe, explicit: set[str] | None, progress: bool) -> 
                                                        config=cfg.config)
     applied = {}
     if explicit is not None:
-        recommended, kind = recommended_settings(model_notes(pipe), cfg.concepts)
+        recommended, kind = recommended_settings(model_notes(pipe), cfg.concepts, cfg.robust)
         cfg, applied = cfg.with_defaults(recommended, explicit)
         cfg.validate()
         if applied and progress:

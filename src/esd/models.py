@@ -217,7 +217,8 @@ def samples_without_cfg(pipe) -> bool:
 
 def model_notes(pipe) -> dict:
     """A model folder may ship `esd.json`: {"grid_prompts": [...], "erase_defaults": {field: value}, and
-    optionally "concept_kinds" / "erase_defaults_by_kind" / "erase_defaults_by_word" (see `recommended_settings`)}."""
+    optionally "concept_kinds" / "erase_defaults_by_kind" / "erase_defaults_by_word" / "erase_defaults_robust"
+    (see `recommended_settings`)}."""
     source = Path(getattr(pipe, "esd_source", "") or "")
     spec = source / "esd.json" if source.is_dir() else None
     if spec is None or not spec.exists():
@@ -228,7 +229,7 @@ def model_notes(pipe) -> dict:
         raise EsdError(f"{spec}: not valid JSON ({err})") from err
 
 
-def recommended_settings(notes: dict, concepts: list[str]) -> tuple[dict, str | None]:
+def recommended_settings(notes: dict, concepts: list[str], robust: bool = False) -> tuple[dict, str | None]:
     """The erase settings a model folder recommends for these concepts, and the kind they were chosen for.
 
     `esd.json` may name kinds of concept (`"concept_kinds": {"shape": ["circle", ...], ...}`) with settings
@@ -237,8 +238,17 @@ def recommended_settings(notes: dict, concepts: list[str]) -> tuple[dict, str | 
     words of the kind and the settings erase them in phrasings (`contexts`), the kind's other words are held in
     the same phrasings (`siblings`), unless the settings name their own. A single bare word may have settings of
     its own (`"erase_defaults_by_word"`), over its kind's: where a sweep found that one word of a kind needs
-    something the others do not.
+    something the others do not. With `--robust`, `"erase_defaults_robust"` goes over all of them: adversarial
+    erasing spends part of every batch on the inner attack's prompts and may need its own budget.
     """
+    chosen, kind = _chosen_settings(notes, concepts)
+    if robust:
+        chosen |= notes.get("erase_defaults_robust", {})
+    return chosen, kind
+
+
+def _chosen_settings(notes: dict, concepts: list[str]) -> tuple[dict, str | None]:
+    """`recommended_settings` before --robust's: the generic settings, the kind's, the word's."""
     generic = dict(notes.get("erase_defaults", {}))
     kinds = notes.get("concept_kinds", {})
     found = set()
