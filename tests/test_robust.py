@@ -166,8 +166,9 @@ def test_inversion_adversary_erase_fits_its_word_to_the_bank_and_writes_the_unet
     from esd.erase import setup
 
     cfg = _cfg(tmp_path / "inv", robust=True, robust_steps=2, robust_adversary="inversion", robust_images=3,
-               contexts=["{}", "a {}"], retain=["a blue square"])
+               contexts=["{}", "a {}"], retain=["a blue square"], robust_timesteps="200:600")
     s = setup(cfg, copy.deepcopy(tiny_pipe), None, progress=False)
+    assert s.bank_timesteps == (200, 600)  # --robust-timesteps, parsed once at setup
     assert [(w, c) for w, c, _ in s.bank] == [("a red circle", "{}"), ("a red circle", "a {}"), ("a red circle", "{}")]
     assert all(x.shape == (1, 4, 8, 8) for _, _, x in s.bank)
     assert all(torch.equal(a, b) for (_, _, a), (_, _, b) in zip(s.bank, image_bank(s), strict=True))

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from esd.attack.embeddings import slot_ids
-from esd.config import adversary_modes, parse_timesteps
+from esd.config import adversary_modes
 from esd.examples import Example, Slot, guidance_start
 from esd.loss import esd_target
 from esd.phrasing import phrase
@@ -54,7 +54,7 @@ def inversion_adversary(s: Setup, slot: Slot, refresh: bool) -> Adversary:
     concept word's place of the image's phrasing (fitted, when due, to denoise it: the textual-inversion loss), and
     Eq. 5's target there from the frozen model."""
     w, context, x_0 = s.bank[int(torch.randint(len(s.bank), (1,), generator=slot.gen))]
-    x_t, t, truth = noised(s.scheduler, x_0, slot.gen, parse_timesteps(s.cfg.robust_timesteps))
+    x_t, t, truth = noised(s.scheduler, x_0, slot.gen, s.bank_timesteps)
     where = placement("word", phrase(context, w), context)
     if refresh or "inversion" not in slot.adversaries:
         refresh_adversary(s, slot, "inversion", where, x_t, t, truth)

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from esd import __version__, resume
 from esd.adversary import adversary, image_bank
-from esd.config import ETA_CONVENTION, EraseConfig, adversary_modes
+from esd.config import ETA_CONVENTION, EraseConfig, adversary_modes, parse_timesteps
 from esd.distributed import (
     Dist,
     average_gradients,
@@ -159,6 +159,7 @@ class Setup:
     held: list[str] = field(default_factory=list)  # --text-retain-weight: the prompts whose encodings stay
     # --robust-adversary inversion: the original model's images of the concept, (concept, phrasing, latent)
     bank: list[tuple[str, str, torch.Tensor]] = field(default_factory=list)
+    bank_timesteps: tuple[int, int] = (0, 1000)  # --robust-timesteps, parsed once: where the bank is noised
 
     @property
     def sampler(self) -> Denoiser:
@@ -236,7 +237,7 @@ def setup(cfg: EraseConfig, pipe, explicit: set[str] | None, progress: bool) -> 
     s = Setup(cfg, pipe, device, d, params, trained, frozen, scheduler, conds, size, applied, guidance, text,
               held_prompts(cfg) if cfg.text_retain_weight else [])
     if cfg.robust and "inversion" in adversary_modes(cfg.robust_adversary) and not cfg.erase_from:
-        s.bank = image_bank(s)
+        s.bank, s.bank_timesteps = image_bank(s), parse_timesteps(cfg.robust_timesteps, "--robust-timesteps")
     return s
 
 

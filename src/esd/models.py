@@ -239,7 +239,7 @@ def recommended_settings(notes: dict, concepts: list[str], robust: bool = False)
     the same phrasings (`siblings`), unless the settings name their own. A single bare word may have settings of
     its own (`"erase_defaults_by_word"`), over its kind's: where a sweep found that one word of a kind needs
     something the others do not. With `--robust`, `"erase_defaults_robust"` goes over all of them: adversarial
-    erasing spends part of every batch on the inner attack's prompts and may need its own budget.
+    erasing trains against a moving adversary and may need its own budget (on the testbed, more iterations).
     """
     chosen, kind = _chosen_settings(notes, concepts)
     if robust:
