@@ -63,6 +63,33 @@ def test_form_starts_from_the_model_folders_recommended_settings(app, monkeypatc
     assert specs["lr"][0] == 1e-3 and specs["eta"][0] == EraseConfig().eta
 
 
+def test_fields_left_as_the_form_started_take_the_recommendation_for_the_concept(app, monkeypatch):
+    """The form can only start from the generic recommendation; the erase must still get the word's and
+    --robust's, as `esd erase` does for flags not given, and the finished message and card must say so."""
+    import esd.app_state
+    import esd.erase
+
+    notes = {"erase_defaults": {"iterations": 60}, "concept_kinds": {"shape": ["circle", "square"]},
+             "erase_defaults_by_word": {"circle": {"iterations": 3}}, "erase_defaults_robust": {"robust_lr": 0.05}}
+    for module in (esd.app_state, esd.erase):
+        monkeypatch.setattr(module, "model_notes", lambda pipe: notes)
+    assert app.changed_fields({"concept": "circle", "iterations": 60, "lr": EraseConfig().lr}) == {"concept"}
+    assert app.changed_fields({"concept": "circle", "iterations": "61", "robust": True}) == {
+        "concept", "iterations", "robust"}
+
+    job = app.start_erase({**QUICK, "iterations": 60, "robust": True})
+    assert job.cfg.iterations == 3 and job.cfg.robust_lr == 0.05  # the word's, then --robust's
+    _wait(job)
+    assert len(job.result.losses) == 3 and "3 of 3" in A.job_status(job)
+    assert job.result.model_defaults == {"iterations": 3, "robust_lr": 0.05}
+    assert "iterations, robust_lr" in A.job_status(job)
+    card = (app.output_dir / job.run_name / "README.md").read_text()
+    assert "iterations=3" in card and "robust_lr=0.05" in card
+    changed = app.start_erase({**QUICK, "iterations": 2})  # a value the user typed wins
+    _wait(changed)
+    assert changed.cfg.iterations == 2 and len(changed.result.losses) == 2 and changed.result.model_defaults == {}
+
+
 def test_form_validation_goes_through_erase_config(tmp_path):
     ok = S.config_from_form({**QUICK, "separator": "", "erase_from": " "}, tmp_path / "run", "cpu")
     assert ok.separator is None and ok.erase_from is None and ok.output == str(tmp_path / "run")
@@ -163,7 +190,7 @@ def test_erase_error_is_reported_and_frees_the_model(app, monkeypatch):
     import esd.erase
     from esd.errors import NonFiniteLossError
 
-    def failing(cfg, pipe, progress, on_step):
+    def failing(cfg, pipe, progress, on_step, explicit):
         with torch.no_grad():  # a half-trained UNet must be put back all the same
             next(p for n, p in pipe.unet.named_parameters() if "attn2" in n).add_(1.0)
         raise NonFiniteLossError("loss is nan at iteration 3")

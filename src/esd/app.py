@@ -69,8 +69,11 @@ def job_status(job: EraseJob) -> str:
         return f"**{kind}:** {job.error}"
     result = job.result
     early = " (stopped early)" if result.stopped_early else ""
+    taken = result.model_defaults
+    taken = (f" Fields left as the form started took the model folder's recommendation for this concept: "
+             f"{', '.join(sorted(taken))} (see the run's README.md)." if taken else "")
     return (f"**Finished**: {len(result.losses)} of {cfg.iterations} iterations{early} in {result.seconds:.1f} s, "
-            f"final loss {result.losses[-1]:.5f}. Run `{job.run_name}` saved. Open **Compare** to see it.")
+            f"final loss {result.losses[-1]:.5f}. Run `{job.run_name}` saved. Open **Compare** to see it.{taken}")
 
 
 # ----------------------------------------------------------------------------- the Gradio page

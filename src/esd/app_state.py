@@ -29,7 +29,7 @@ from PIL import Image
 from esd.app_runs import new_run_dir, resolve_run, run_files, run_metadata
 from esd.config import EraseConfig
 from esd.errors import EsdError
-from esd.models import describe_model, grid_prompts, model_notes
+from esd.models import describe_model, grid_prompts, model_notes, recommended_settings
 from esd.weights import applied_weights, has_text_encoder_delta, restore_parameters, snapshot_parameters
 
 # Sane maxima: a browser form must not be able to start a week-long job or a million images.
@@ -105,7 +105,9 @@ def config_from_form(values: dict, output: Path, device: str) -> EraseConfig:
 class EraseJob:
     """One erase running in a worker thread; the UI polls it."""
 
-    cfg: EraseConfig
+    cfg: EraseConfig  # as it runs: the form's values, then the model folder's recommendations
+    form: EraseConfig | None = None  # the form's values alone: erase() fills in the rest and its card says which
+    explicit: set[str] = field(default_factory=set)  # the form fields the user changed
     losses: list[float] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
@@ -157,6 +159,14 @@ class EsdApp:
             out.append((name, kind, default, help_text, choices))
         return out
 
+    def changed_fields(self, values: dict) -> set[str]:
+        """The form fields whose value differs from the one the form started with. The others take what the model
+        folder recommends for the concept (its kind's, its word's, --robust's), as flags not given do in `esd erase`:
+        the form can only start from the generic recommendation, before the concept is known."""
+        initial = {name: (kind, default) for name, kind, default, *_ in self.form_fields(FORM_FIELDS + ADVANCED_FIELDS)}
+        return {name for name, value in values.items()
+                if name not in initial or _coerce(name, initial[name][0], value) != initial[name][1]}
+
     def run_dir(self, run_name: str) -> Path:
         """The folder of a run chosen in this session (by name, inside the output folder)."""
         if not run_name:
@@ -188,11 +198,15 @@ class EsdApp:
 
     def start_erase(self, values: dict) -> EraseJob:
         """Validate the form and start erasing in a worker thread; refused while another task runs."""
-        cfg = config_from_form(values, self.output_dir, str(self.device))
+        form = config_from_form(values, self.output_dir, str(self.device))
+        explicit = self.changed_fields(values)
+        cfg, _ = form.with_defaults(recommended_settings(model_notes(self.pipe), form.concepts, form.robust)[0],
+                                    explicit)
+        cfg.validate()
         if not self._take_model():
             raise EsdError("an erase is already running; wait for it to finish or press Stop")
-        cfg.output = str(new_run_dir(self.output_dir, cfg))  # made while holding the lock: names never collide
-        job = EraseJob(cfg)
+        cfg.output = form.output = str(new_run_dir(self.output_dir, cfg))  # made holding the lock: never collides
+        job = EraseJob(cfg, form, explicit)
         self.job = job
         threading.Thread(target=self._erase_worker, args=(job,), name="esd-erase", daemon=True).start()
         return job
@@ -208,7 +222,8 @@ class EsdApp:
             if job.cfg.train_text_encoder:
                 saved.append((encoder, snapshot_parameters(encoder, [n for n, _ in encoder.named_parameters()])))
             try:
-                job.result = erase(job.cfg, pipe=self.pipe, progress=False, on_step=job.on_step)
+                job.result = erase(job.form or job.cfg, pipe=self.pipe, progress=False, on_step=job.on_step,
+                                   explicit=job.explicit)
             finally:
                 for module, values in saved:
                     restore_parameters(module, values)
