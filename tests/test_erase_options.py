@@ -68,6 +68,19 @@ def test_robust_settings_go_over_the_words_only_with_robust():
     assert recommended_settings(NOTES, ["circle"], robust=True) == recommended_settings(NOTES, ["circle"])
 
 
+def test_robust_settings_of_a_kind_go_over_the_robust_ones_for_that_kind_only():
+    notes = {**NOTES, "concept_kinds": {"shape": ["circle"], "style": ["striped"]},
+             "erase_defaults_by_kind": {"style": {"retain_weight": 8.0}},
+             "erase_defaults_robust": {"iterations": 450},
+             "erase_defaults_robust_by_kind": {"shape": {"retain_weight": 6.0, "iterations": 500}}}
+    shape, _ = recommended_settings(notes, ["circle"], robust=True)
+    style, _ = recommended_settings(notes, ["striped"], robust=True)
+    assert (shape["retain_weight"], shape["iterations"]) == (6.0, 500)
+    assert (style["retain_weight"], style["iterations"]) == (8.0, 450)  # the style's own hold is kept
+    assert "retain_weight" not in recommended_settings(notes, ["circle"])[0]  # only with --robust
+    assert recommended_settings(notes, ["dog"], robust=True)[0]["iterations"] == 450  # no kind: no kind's entry
+
+
 def test_cosine_schedule_decays_to_zero_and_constant_stays():
     cfg = EraseConfig(concept="x", iterations=100, lr_schedule="cosine")
     assert lr_factor(cfg, 0) == 1.0 and lr_factor(cfg, 50) == pytest.approx(0.5)

@@ -217,8 +217,8 @@ def samples_without_cfg(pipe) -> bool:
 
 def model_notes(pipe) -> dict:
     """A model folder may ship `esd.json`: {"grid_prompts": [...], "erase_defaults": {field: value}, and
-    optionally "concept_kinds" / "erase_defaults_by_kind" / "erase_defaults_by_word" / "erase_defaults_robust"
-    (see `recommended_settings`)}."""
+    optionally "concept_kinds" / "erase_defaults_by_kind" / "erase_defaults_by_word" / "erase_defaults_robust" /
+    "erase_defaults_robust_by_kind" (see `recommended_settings`)}."""
     source = Path(getattr(pipe, "esd_source", "") or "")
     spec = source / "esd.json" if source.is_dir() else None
     if spec is None or not spec.exists():
@@ -238,12 +238,16 @@ def recommended_settings(notes: dict, concepts: list[str], robust: bool = False)
     words of the kind and the settings erase them in phrasings (`contexts`), the kind's other words are held in
     the same phrasings (`siblings`), unless the settings name their own. A single bare word may have settings of
     its own (`"erase_defaults_by_word"`), over its kind's: where a sweep found that one word of a kind needs
-    something the others do not. With `--robust`, `"erase_defaults_robust"` goes over all of them: adversarial
-    erasing trains against a moving adversary and may need its own budget (on the testbed, more iterations).
+    something the others do not. With `--robust`, `"erase_defaults_robust"` goes over all of them, then
+    `"erase_defaults_robust_by_kind"`'s entry for the kind: adversarial erasing trains against a moving adversary
+    and may need its own budget (on the testbed, more iterations) and, for some kinds, a firmer hold on the rest
+    (a retain weight measured for shapes must not lower the one a style needs).
     """
     chosen, kind = _chosen_settings(notes, concepts)
     if robust:
         chosen |= notes.get("erase_defaults_robust", {})
+        if kind is not None:
+            chosen |= notes.get("erase_defaults_robust_by_kind", {}).get(kind, {})
     return chosen, kind
 
 
