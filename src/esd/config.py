@@ -158,8 +158,9 @@ class EraseConfig:
         "opt-in adversarial erasing (AdvUnlearn, Zhang et al. 2024): every --robust-every iterations a few steps of "
         "an inner attack (the code of `esd attack`) find embeddings that bring the concept back on the current "
         "model, placed as --robust-adversary says, and the erase term trains on them too; pair it with --retain "
-        "(SD1.x/SD2.x). A model folder's esd.json may recommend settings for it (erase_defaults_robust: the "
-        "testbed's are 300 iterations and --robust-lr 0.02)", default=False)
+        "(SD1.x/SD2.x). A model folder's esd.json may recommend settings for it (erase_defaults_robust, and per kind "
+        "erase_defaults_robust_by_kind: the testbed's are 300 iterations and --robust-lr 0.02, and for shapes "
+        "--retain-weight 8 and --lr 0.003)", default=False)
     robust_adversary: str = _opt(
         "--robust: where the inner attack's embeddings go: prefix (--robust-tokens before the prompt, as "
         "UnlearnDiffAtk and AdvUnlearn), word (one embedding in place of the concept's word in its phrasing, at the "
