@@ -106,7 +106,7 @@ class EraseJob:
     """One erase running in a worker thread; the UI polls it."""
 
     cfg: EraseConfig  # as it runs: the form's values, then the model folder's recommendations
-    form: EraseConfig | None = None  # the form's values alone: erase() fills in the rest and its card says which
+    form: EraseConfig  # the form's values alone: erase() fills in the rest and its card says which
     explicit: set[str] = field(default_factory=set)  # the form fields the user changed
     losses: list[float] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
@@ -222,7 +222,7 @@ class EsdApp:
             if job.cfg.train_text_encoder:
                 saved.append((encoder, snapshot_parameters(encoder, [n for n, _ in encoder.named_parameters()])))
             try:
-                job.result = erase(job.form or job.cfg, pipe=self.pipe, progress=False, on_step=job.on_step,
+                job.result = erase(job.form, pipe=self.pipe, progress=False, on_step=job.on_step,
                                    explicit=job.explicit)
             finally:
                 for module, values in saved:
