@@ -21,25 +21,28 @@ from pathlib import Path
 
 import torch
 
-from esd.cli import add_config_arguments, config_from_args
+from esd.cli import add_config_arguments, given_settings
 from esd.erase import erase
 from esd.models import TESTBED, load_pipeline
+from esd.recipes import resolve
 from esd.selection import trainable_names
 from esd.testbed.evaluate import evaluate_testbed
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_config_arguments(p)
+    add_config_arguments(p, given_only=True)
     p.add_argument("--erased", required=True, help="the testbed word measured as erased, e.g. circle")
     p.add_argument("--every", type=int, default=20, help="iterations between snapshots")
     p.add_argument("--eval-seeds", type=int, default=4, help="seeds per 'a {colour} {shape}' prompt")
     p.add_argument("--eval-steps", type=int, default=25, help="DDIM steps of the evaluation images")
     p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args()
-    cfg = config_from_args(args)
-    cfg.output = cfg.output or tempfile.mkdtemp(prefix="esd-trajectory-")
-    cfg.grid_steps, cfg.save_every = 0, 0
+    given = given_settings(args)
+    given |= {"output": given.get("output") or tempfile.mkdtemp(prefix="esd-trajectory-"), "grid_steps": 0,
+              "save_every": 0}
+    resolution = resolve(given)  # as `esd erase` resolves its flags: the recipe, then the flags
+    cfg = resolution.config
 
     pipe = load_pipeline(cfg.model or str(TESTBED))
     names = trainable_names(pipe.unet, cfg.method)
@@ -49,7 +52,7 @@ def main() -> None:
         if (i + 1) % args.every == 0:
             snapshots[i + 1] = {n: pipe.unet.get_parameter(n).detach().clone() for n in names}
 
-    erase(cfg, pipe=pipe, progress=True, on_step=keep)
+    erase(cfg, pipe=pipe, progress=True, on_step=keep, resolution=resolution)
     rows = []
     for iteration, theta in snapshots.items():
         with torch.no_grad():

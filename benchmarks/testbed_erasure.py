@@ -3,8 +3,8 @@
     python benchmarks/testbed_erasure.py --concept circle --erase-seeds 0,1,2,3,4 [EraseConfig flags ...]
                                           [--seeds 16] [--steps 50] [--prompt-set full] [--json FILE]
 
-For each erase seed: `esd.erase.erase` with the given settings (flags not given take the testbed's
-recommendation for the concept's kind, from models/testbed/esd.json, exactly as `esd erase` does), then the
+For each erase seed: `esd.erase.erase` with the settings resolved as `esd erase` resolves them (`esd.recipes.resolve`:
+--recipe, else the testbed's recipe for the concept's kind, and the flags given over it), then the
 testbed evaluation (`esd.testbed.evaluate.evaluate_testbed`) of the erased model. Prints one JSON line per
 seed, then a table of every concept's accuracy per seed with min / mean / max over the seeds next to the base
 model's, and whether the issue's bar holds on every seed (the erased concept's rate, every other concept
@@ -16,14 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from esd.app_runs import run_metadata
-from esd.cli import add_config_arguments, config_from_args, explicit_fields
+from esd.cli import add_config_arguments, given_settings
 from esd.models import TESTBED, load_pipeline
+from esd.recipes import resolve
 from esd.testbed.evaluate import CONCEPTS, evaluate_testbed, summarise
 from esd.testbed.render import SOLID, kind_of
 from esd.weights import apply_esd_weights
@@ -121,7 +121,7 @@ def table(word: str, base: dict, seeds: list[dict], erase_seeds: list[int]) -> s
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_config_arguments(p)
+    add_config_arguments(p, given_only=True)
     p.add_argument("--erase-seeds", default="0", help="comma-separated erase seeds, e.g. 0,1,2,3,4")
     p.add_argument("--seeds", type=int, default=16, help="evaluation seeds per prompt")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps of the evaluation images")
@@ -136,9 +136,8 @@ def main() -> None:
     p.add_argument("--erased", default=None,
                    help="the testbed word measured as erased (default: the concept's last word that is one)")
     args = p.parse_args()
-    explicit = explicit_fields(sys.argv[1:])
-    base_cfg = config_from_args(args)
-    base_cfg.grid_steps = 0
+    given = given_settings(args)
+    base_cfg = resolve(given).config
     words = [w for w in base_cfg.concept.replace(",", " ").split() if w in CONCEPTS]
     word = args.erased or (words[-1] if words else base_cfg.concept.split()[-1])
     erase_seeds = [int(s) for s in args.erase_seeds.split(",")]
@@ -151,8 +150,8 @@ def main() -> None:
 
     rows = []
     for seed in erase_seeds:
-        cfg = config_from_args(args)
-        cfg.seed, cfg.grid_steps, cfg.output = seed, 0, str(out_root / f"seed-{seed}")
+        resolution = resolve(given | {"seed": seed, "grid_steps": 0, "output": str(out_root / f"seed-{seed}")})
+        cfg = resolution.config
         if args.runs:  # the erase was made before: its config is in the weights' metadata
             weights = Path(args.runs) / f"seed-{seed}" / "erase" / "esd.safetensors"
             run, seconds = run_metadata(weights.parent)[0], None  # the header only
@@ -163,7 +162,7 @@ def main() -> None:
                 return pipe
         else:
             pipe, start = load_pipeline(model), time.perf_counter()
-            run = erase(cfg, pipe=pipe, progress=False, explicit=explicit | {"seed", "grid_steps", "output"}).config
+            run = erase(cfg, pipe=pipe, progress=False, resolution=resolution).config
             seconds = time.perf_counter() - start
 
             def make_pipe(pipe=pipe):

@@ -14,6 +14,7 @@ from esd import app_runs as R  # noqa: E402  (run folders)
 from esd import app_state as S  # noqa: E402  (the model, erase, compare, export, evaluate)
 from esd.config import METHOD_CHOICES, EraseConfig  # noqa: E402
 from esd.errors import EsdError  # noqa: E402
+from esd.recipes import resolve  # noqa: E402
 from esd.weights import applied_weights  # noqa: E402
 
 # A short erase: a few iterations of a 3-step sampler, no before/after grid, no intermediate saves.
@@ -54,51 +55,45 @@ def test_form_is_built_from_erase_config():
     assert specs["iterations"][0] is int and specs["lr"][0] is float and specs["separator"][0] is str
 
 
-def test_form_starts_from_the_model_folders_recommended_settings(app, monkeypatch):
-    import esd.app_state
+def test_form_starts_blank_so_the_recipe_decides_and_lists_the_recipes(app):
+    specs = {name: (default, help_text, choices)
+             for name, _, default, help_text, choices in app.form_fields(S.FORM_FIELDS + S.ADVANCED_FIELDS)}
+    assert specs["iterations"][0] is None and "blank: the recipe's; paper: 1000" in specs["iterations"][1]
+    assert specs["method"][2][0] == "" and specs["robust"][0] is False  # "" in a list: the recipe's choice
+    assert "testbed-shape" in specs["recipe"][2] and "esd-2025" in specs["recipe"][2] and specs["recipe"][0] is None
 
-    monkeypatch.setattr(esd.app_state, "model_notes", lambda pipe: {"erase_defaults": {"iterations": 60, "lr": 1e-3}})
-    specs = {name: (default, help_text) for name, _, default, help_text, _ in app.form_fields(S.FORM_FIELDS)}
-    assert specs["iterations"][0] == 60 and "recommends 60" in specs["iterations"][1]
-    assert specs["lr"][0] == 1e-3 and specs["eta"][0] == EraseConfig().eta
 
-
-def test_fields_left_as_the_form_started_take_the_recommendation_for_the_concept(app, monkeypatch):
-    """The form can only start from the generic recommendation; the erase must still get the word's and
-    --robust's, as `esd erase` does for flags not given, and the finished message and card must say so."""
-    import esd.app_state
-    import esd.erase
-
-    notes = {"erase_defaults": {"iterations": 60}, "concept_kinds": {"shape": ["circle", "square"]},
-             "erase_defaults_by_word": {"circle": {"iterations": 3}}, "erase_defaults_robust": {"robust_lr": 0.05}}
-    for module in (esd.app_state, esd.erase):
-        monkeypatch.setattr(module, "model_notes", lambda pipe: notes)
-    assert app.changed_fields({"concept": "circle", "iterations": 60, "lr": EraseConfig().lr}) == {"concept"}
-    assert app.changed_fields({"concept": "circle", "iterations": "61", "robust": True}) == {
-        "concept", "iterations", "robust"}
-
-    job = app.start_erase({**QUICK, "iterations": 60, "robust": True})
-    assert job.cfg.iterations == 3 and job.cfg.robust_lr == 0.05  # the word's, then --robust's
+def test_blank_fields_take_the_recipe_and_filled_ones_win_as_flags_do(app):
+    """One resolution for the app and `esd erase`: the model folder's recipe for the concept's kind, and each
+    filled field over it; the finished message and the card say which recipe gave what."""
+    blank = {name: None for name in S.FORM_FIELDS + S.ADVANCED_FIELDS} | {"concept": "circle", "robust": False}
+    job = app.start_erase(blank | {"iterations": 3, "ddim_steps": 3, "grid_steps": 0, "save_every": 0})
+    assert job.resolution.recipe.name == "testbed-shape" and job.cfg.start_from_sibling and job.cfg.lr == 2e-3
     _wait(job)
-    assert len(job.result.losses) == 3 and "3 of 3" in A.job_status(job)
-    assert job.result.model_defaults == {"iterations": 3, "robust_lr": 0.05}
-    assert "iterations, robust_lr" in A.job_status(job)
+    assert len(job.result.losses) == 3 and "Recipe `testbed-shape` (model folder: shape)" in A.job_status(job)
     card = (app.output_dir / job.run_name / "README.md").read_text()
-    assert "iterations=3" in card and "robust_lr=0.05" in card
-    changed = app.start_erase({**QUICK, "iterations": 2})  # a value the user typed wins
-    _wait(changed)
-    assert changed.cfg.iterations == 2 and len(changed.result.losses) == 2 and changed.result.model_defaults == {}
+    assert "| iterations | `3` | flag |" in card and "| lr | `0.002` | recipe testbed-shape |" in card
+    # a recipe picked by name; the paper's value typed by hand still counts as given
+    named = app.start_erase(blank | {"concept": "circle", "recipe": "esd-2025", "iterations": 2, "ddim_steps": 3,
+                                     "lr": 1e-5, "grid_steps": 0, "save_every": 0})
+    assert (named.cfg.sample_from, named.cfg.timestep, named.cfg.lr) == ("frozen", "grid", 1e-5)
+    _wait(named)
+    with pytest.raises(EsdError, match="unknown"):  # names only: a path from the browser is refused
+        app.start_erase(blank | {"recipe": "/etc/passwd.json"})
 
 
 def test_form_validation_goes_through_erase_config(tmp_path):
-    ok = S.config_from_form({**QUICK, "separator": "", "erase_from": " "}, tmp_path / "run", "cpu")
-    assert ok.separator is None and ok.erase_from is None and ok.output == str(tmp_path / "run")
-    for bad, words in [({"concept": " "}, "concept"), ({"method": "xatn"}, "method"), ({"lr": 0}, "lr"),
-                       ({"lr": "fast"}, "lr"), ({"iterations": 2.5}, "whole"), ({"eta": float("nan")}, "eta"),
-                       ({"iterations": S.MAX_ITERATIONS + 1}, "at most"), ({"ddim_steps": 10_000}, "at most"),
+    given = S.given_from_form({**QUICK, "separator": "", "erase_from": " "}, tmp_path / "run", "cpu")
+    assert "separator" not in given and "erase_from" not in given and given["output"] == str(tmp_path / "run")
+    for bad, words in [({"lr": "fast"}, "lr"), ({"iterations": 2.5}, "whole"),
                        ({"output": "/etc"}, "not settable"), ({"device": "cuda"}, "not settable")]:
         with pytest.raises(EsdError, match=words):
-            S.config_from_form({**QUICK, **bad}, tmp_path / "run", "cpu")
+            S.given_from_form({**QUICK, **bad}, tmp_path / "run", "cpu")
+    for bad, words in [({"concept": " "}, "concept"), ({"method": "xatn"}, "method"), ({"lr": 0}, "lr"),
+                       ({"eta": float("nan")}, "eta"), ({"iterations": S.MAX_ITERATIONS + 1}, "at most"),
+                       ({"ddim_steps": 10_000}, "at most")]:
+        with pytest.raises(EsdError, match=words):
+            S.check_caps(resolve(S.given_from_form({**QUICK, **bad}, tmp_path / "run", "cpu"), None).config)
 
 
 def test_erase_writes_a_run_and_restores_the_base_weights(app, finished_run):
@@ -190,7 +185,7 @@ def test_erase_error_is_reported_and_frees_the_model(app, monkeypatch):
     import esd.erase
     from esd.errors import NonFiniteLossError
 
-    def failing(cfg, pipe, progress, on_step, explicit):
+    def failing(cfg, pipe, progress, on_step, resolution):
         with torch.no_grad():  # a half-trained UNet must be put back all the same
             next(p for n, p in pipe.unet.named_parameters() if "attn2" in n).add_(1.0)
         raise NonFiniteLossError("loss is nan at iteration 3")
@@ -280,19 +275,17 @@ def _handlers(demo) -> dict[tuple[str, str], object]:
 def test_page_sends_the_form_as_erase_config_fields_and_runs_one_model_task_at_a_time(app):
     import gradio as gr
 
-    from esd.models import model_notes
 
     demo = A.build_ui(app)
     handlers = _handlers(demo)
     # Start sends one input per form field, in the order its handler zips them with the field names,
-    # each starting from the EraseConfig default or the model folder's recommended value.
+    # each starting blank (the recipe decides) but for the concept and the opt-in boxes.
     names = S.FORM_FIELDS + S.ADVANCED_FIELDS
     start = handlers[("erase-start", "click")]
     assert [block.elem_id for block in start.inputs] == [f"cfg-{n.replace('_', '-')}" for n in names]
-    recommended = model_notes(app.pipe).get("erase_defaults", {})
-    defaults = {f.name: recommended.get(f.name, f.default) for f in dataclasses.fields(EraseConfig)}
+    initial = {name: default for name, _, default, *_ in app.form_fields(names)}
     for name, block in zip(names, start.inputs, strict=True):
-        assert block.value == (defaults[name] if defaults[name] is not None else ""), name
+        assert block.value in (initial[name], "" if initial[name] is None else initial[name]), name
     # Everything that uses the model shares one queue slot; Stop bypasses the queue so it reaches a running erase.
     model_tasks = [("erase-start", "click"), ("compare-button", "click"), ("evaluate-button", "click"),
                    ("attack-button", "click")]

@@ -34,7 +34,7 @@ from esd.config import EraseConfig  # noqa: E402
 # unless the app keeps them apart; each client must get back its own concept and seed.
 CLIENTS = [(concept, seed) for seed in (1, 2) for concept in ("circle", "square", "triangle", "red", "green", "blue")]
 # A tiny erase: two iterations of a two-step sampler, nothing but the weights and the card written.
-QUICK = {"method": "xattn", "iterations": 2, "eta": 1.0, "start_guidance": 3.0, "lr": 1e-3, "seed": 0,
+QUICK = {"recipe": "", "method": "xattn", "iterations": 2, "eta": 1.0, "start_guidance": 3.0, "lr": 1e-3, "seed": 0,
          "ddim_steps": 2, "sample_from": "esd", "separator": "", "erase_from": "", "grid_steps": 0, "save_every": 0,
          "robust": False, "train_text_encoder": False}
 SECRET = "not for the browser"

@@ -8,11 +8,13 @@ import torch
 from safetensors import safe_open
 
 from esd.config import EraseConfig
-from esd.erase import Slot, draw_example, erase
+from esd.erase import erase
 from esd.errors import NonFiniteLossError
+from esd.examples import Slot, draw_example
 from esd.frozen import copied_denoiser, original_values, swapped_denoiser
 from esd.models import encode_prompt
-from esd.sampling import Cond, ddim_scheduler, sample_trajectory, unet_denoiser
+from esd.networks import Cond
+from esd.sampling import ddim_scheduler, sample_trajectory, unet_denoiser
 from esd.selection import select_parameters
 
 

@@ -21,8 +21,8 @@ from safetensors.torch import load_file
 from esd import compvis
 from esd.cli import main
 from esd.config import EraseConfig
-from esd.erase import Slot, draw_example
 from esd.errors import EsdError
+from esd.examples import Slot, draw_example
 from esd.frozen import copied_denoiser, original_values, swapped_denoiser
 from esd.models import default_image_size, encode_prompt, model_family, prediction_type
 from esd.sampling import ddim_scheduler, sample_until, unet_denoiser

@@ -131,7 +131,7 @@ def test_flux2_guidance_input_where_the_checkpoint_takes_one():
 
 
 def _cat(a, b):
-    from esd.sampling import Cond
+    from esd.networks import Cond
 
     return Cond.cat(a, b)
 

@@ -8,12 +8,14 @@ import pytest
 import torch
 
 from esd.config import EraseConfig
-from esd.erase import Example, Slot, batch_loss, draw_example, erase, prompts_needed
+from esd.erase import erase
 from esd.errors import EsdError
+from esd.examples import Example, Slot, batch_loss, draw_example, prompts_needed
 from esd.frozen import copied_denoiser, original_values, swapped_denoiser
 from esd.models import TESTBED, encode_prompt, load_pipeline
+from esd.networks import Cond
 from esd.phrasing import anchor, names, phrase, retain_pool
-from esd.sampling import Cond, ddim_scheduler, sample_trajectory, unet_denoiser
+from esd.sampling import ddim_scheduler, sample_trajectory, unet_denoiser
 from esd.selection import select_parameters
 
 
@@ -128,24 +130,26 @@ def test_retain_holds_the_kept_prompt_closer_to_the_frozen_model(tmp_path):
 
 
 @pytest.mark.skipif(not (TESTBED / "esd.json").is_file(), reason="models/testbed missing")
-def test_the_testbed_recommends_phrasings_it_was_trained_on():
+def test_the_testbeds_recipes_use_phrasings_it_was_trained_on():
     """Each recommended context, filled with any concept of its kind, and its anchor are captions the testbed
     saw in training: a guidance that starts from a prompt the model never learned starts from noise."""
     import json
 
+    from esd.recipes import load_recipe
     from esd.testbed.captions import caption_table
 
     notes, known = json.loads((TESTBED / "esd.json").read_text()), set(caption_table())
     for kind, words in notes["concept_kinds"].items():
-        contexts = notes["erase_defaults_by_kind"][kind]["contexts"]
+        settings = load_recipe(notes["recipes"][kind], TESTBED).settings
+        contexts = settings["contexts"]
         assert "{}" in contexts  # the paper's own phrasing stays among them
         for context in contexts:
             assert anchor(context) in known, context
             for word in words:
                 if not any(names(anchor(context), other) for other in words):
                     assert phrase(context, word) in known, (context, word)
-    assert retain_pool(notes["erase_defaults"]["retain"], ["circle"])
-    assert set(notes["erase_defaults"]["retain"]) <= known
+        assert retain_pool(settings["retain"], ["circle"])
+        assert set(settings["retain"]) <= known
 
 
 def test_siblings_are_held_in_the_iterations_own_phrasing_half_the_time():

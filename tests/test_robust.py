@@ -18,7 +18,7 @@ from esd.errors import EsdError
 from esd.examples import Example, batch_loss
 from esd.loss import esd_loss
 from esd.models import encode_prompt
-from esd.params import select_parameters
+from esd.networks import Cond
 from esd.robust import (
     Adversary,
     TextConds,
@@ -30,7 +30,8 @@ from esd.robust import (
     placement,
     text_encoder_params,
 )
-from esd.sampling import Cond, ddim_scheduler, ddim_states, unet_denoiser
+from esd.sampling import ddim_scheduler, ddim_states, unet_denoiser
+from esd.selection import select_parameters
 from esd.weights import TEXT_ENCODER, applied_weights, apply_esd_weights
 
 FAST = dict(iterations=3, ddim_steps=3, lr=1e-2, grid_steps=0, device="cpu", save_every=0)
@@ -163,19 +164,20 @@ def test_adversary_kinds_take_turns_and_unknown_kinds_fail_at_parsing(capsys, tm
 
 def test_inversion_adversary_erase_fits_its_word_to_the_bank_and_writes_the_unet_tensors(tiny_pipe, tmp_path):
     from esd.adversary import image_bank
-    from esd.erase import setup
+    from esd.prepare import setup
 
     cfg = _cfg(tmp_path / "inv", robust=True, robust_steps=2, robust_adversary="inversion", robust_images=3,
                contexts=["{}", "a {}"], retain=["a blue square"], robust_timesteps="200:600")
-    s = setup(cfg, copy.deepcopy(tiny_pipe), None, progress=False)
+    s = setup(cfg, copy.deepcopy(tiny_pipe), progress=False)
     assert s.bank_timesteps == (200, 600)  # --robust-timesteps, parsed once at setup
-    assert [(w, c) for w, c, _ in s.bank] == [("a red circle", "{}"), ("a red circle", "a {}"), ("a red circle", "{}")]
-    assert all(x.shape == (1, 4, 8, 8) for _, _, x in s.bank)
-    assert all(torch.equal(a, b) for (_, _, a), (_, _, b) in zip(s.bank, image_bank(s), strict=True))
+    bank = image_bank(s)
+    assert [(w, c) for w, c, _ in bank] == [("a red circle", "{}"), ("a red circle", "a {}"), ("a red circle", "{}")]
+    assert all(x.shape == (1, 4, 8, 8) for _, _, x in bank)
+    assert all(torch.equal(a, b) for (_, _, a), (_, _, b) in zip(bank, image_bank(s), strict=True))
     result = erase(cfg, pipe=copy.deepcopy(tiny_pipe), progress=False)
     written = load_file(str(tmp_path / "inv" / "esd.safetensors"))
     assert set(written) == set(result.trained) and all(torch.isfinite(v).all() for v in written.values())
-    assert "`--robust` (inversion): 5 prefix embeddings, 2 attack steps (lr 0.01) every 1 iteration(s), 3 images" \
+    assert "`--robust` (inversion): one word embedding, 2 attack steps (lr 0.01) every 1 iteration(s), 3 images" \
         in (tmp_path / "inv" / "README.md").read_text()
 
 
@@ -186,7 +188,7 @@ def test_robust_erase_writes_exactly_the_selected_unet_tensors(tiny_pipe, tmp_pa
     written = load_file(str(tmp_path / "out" / "esd.safetensors"))
     assert set(written) == set(select_parameters(copy.deepcopy(tiny_pipe).unet, "xattn")) == set(result.trained)
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "`--robust` (prefix+inversion): 5 prefix embeddings, 2 attack steps" in card and "| text encoder | frozen |" in card
+    assert "`--robust` (prefix+inversion): 5 prefix embeddings or one word embedding, 2 attack steps" in card and "| text encoder | frozen |" in card
     # the run differs from the plain erase (the adversarial rows moved θ), both finite
     plain = copy.deepcopy(tiny_pipe)
     erase(_cfg(tmp_path / "plain", retain=["a blue square"]), pipe=plain, progress=False)

@@ -8,8 +8,10 @@ import torch
 import torch.multiprocessing as mp
 
 from esd.config import EraseConfig
-from esd.erase import Slot, draw_example, erase, prepare_unet
+from esd.erase import erase
+from esd.examples import Slot, draw_example
 from esd.models import encode_prompt
+from esd.prepare import prepare_unet
 from esd.sampling import ddim_scheduler, sample_trajectory, sample_until, unet_denoiser
 
 

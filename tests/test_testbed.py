@@ -187,3 +187,24 @@ def test_cli_eval_unknown_word_exits_2_naming_the_known_ones(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unknown testbed concept 'plaid'" in err and "striped, dotted, outlined" in err
     assert not (tmp_path / "ev" / "metrics.json").exists()
+
+
+@needs_testbed
+def test_cli_eval_leads_with_the_erased_concept_and_records_the_weights_it_judged(tmp_path, capsys):
+    """The summary answers "is it gone?" first; metrics.json names the weights file (path and sha256)."""
+    import json
+
+    from esd.cli import main
+    from esd.evaluate.provenance import sha256_file
+
+    weights = tmp_path / "erased" / "esd.safetensors"
+    assert main(["erase", "--concept", "circle", "--iterations", "1", "--ddim-steps", "2", "--grid-steps", "0",
+                 "--device", "cpu", "--output", str(weights.parent)]) == 0
+    capsys.readouterr()
+    assert main(["testbed", "eval", "--weights", str(weights), "--erased", "circle", "--seeds", "1", "--steps", "1",
+                 "--prompt-set", "quick", "--device", "cpu", "--output", str(tmp_path / "ev")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"judged {weights}") and lines[1].startswith("erased 'circle': still drawn in ")
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert (m["judged"]["weights"], m["judged"]["weights_sha256"]) == (str(weights.resolve()), sha256_file(weights))
+    assert m["judged"]["model"]

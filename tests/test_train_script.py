@@ -28,8 +28,9 @@ def test_2023_flags_map_onto_the_config():
     cfg = m.to_config(args)
     assert cfg == EraseConfig(concept="Van Gogh", method="noxattn", start_guidance=2.0, eta=1.5, iterations=200,
                               lr=2e-5, model="x.ckpt", config="v1.yaml", separator=";", image_size=256, ddim_steps=25,
-                              devices="0,1", output=cfg.output)
-    assert cfg.output == "models/compvis-word_vangogh-method_noxattn-sg_2.0-ng_1.5-iter_200-lr_2e-05"
+                              devices="0,1", output=cfg.output, recipe="paper")
+    # under outputs/ (ignored by git), not inside the checkout's models/; the paper's recipe, whatever the folder's
+    assert cfg.output == "outputs/compvis-word_vangogh-method_noxattn-sg_2.0-ng_1.5-iter_200-lr_2e-05"
     same = m.to_config(m.parse_args(["--prompt", "x", "--train_method", "xattn", "--devices", "0,0"]))
     assert same.devices is None and same.device == "0"  # the old default 0,0 means one device: one UNet
 

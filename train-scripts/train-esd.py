@@ -4,8 +4,10 @@
         --ckpt_path models/ldm/sd-v1-4-full-ema.ckpt --config_path configs/stable-diffusion/v1-inference.yaml
 
 Differences from the 2023 script, on purpose: --lr is a float; an unknown --train_method fails at once;
-the output is a folder (esd.safetensors with the config in its metadata, model card, loss plot, grid)
-named as the 2023 script named its .pt file; --devices A,A (the old default 0,0) keeps one UNet.
+the output is a folder (esd.safetensors with the config in its metadata, model card, recipe.json, loss plot,
+grid) under outputs/, named as the 2023 script named its .pt file; --devices A,A (the old default 0,0) keeps
+one UNet. The settings resolve as `esd erase --recipe paper` resolves them (`esd.recipes.resolve`), with this
+script's flags given: the paper's Algorithm 1, whatever the model folder recommends for the concept.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 
 from esd.config import METHOD_CHOICES, EraseConfig
 from esd.errors import EsdError
+from esd.recipes import resolve
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,25 +38,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seperator", default=None, help="split --prompt into several concepts at this string")
     p.add_argument("--image_size", type=int, default=None, help="default: the model's own (512 for SD1.x)")
     p.add_argument("--ddim_steps", type=int, default=50)
-    p.add_argument("--output", default=None, help="output folder (default: models/<2023-style name>)")
+    p.add_argument("--output", default=None, help="output folder (default: outputs/<2023-style name>)")
     return p.parse_args(argv)
 
 
-def to_config(a: argparse.Namespace) -> EraseConfig:
+def to_given(a: argparse.Namespace) -> dict:
+    """The 2023 flags as the settings given to `esd.recipes.resolve` (on top of recipe paper)."""
     name = (f"compvis-word_{a.prompt.lower().replace(' ', '')}-method_{a.train_method}-sg_{a.start_guidance}"
             f"-ng_{a.negative_guidance}-iter_{a.iterations}-lr_{a.lr}")
     devices = a.devices.split(",") if a.devices else None
     same_device = devices is not None and len(devices) == 2 and devices[0] == devices[1]
     compvis_in = a.ckpt_path is not None and Path(a.ckpt_path).is_file()
-    return EraseConfig(
-        concept=a.prompt, method=a.train_method, start_guidance=a.start_guidance, eta=a.negative_guidance,
-        iterations=a.iterations, lr=a.lr, model=a.ckpt_path, config=a.config_path, separator=a.seperator,
-        image_size=a.image_size, ddim_steps=a.ddim_steps, output=a.output or f"models/{name}",
+    given = dict(
+        recipe="paper", concept=a.prompt, method=a.train_method, start_guidance=a.start_guidance,
+        eta=a.negative_guidance, iterations=a.iterations, lr=a.lr, model=a.ckpt_path, config=a.config_path,
+        separator=a.seperator, image_size=a.image_size, ddim_steps=a.ddim_steps, output=a.output or f"outputs/{name}",
         device=devices[0] if same_device else "auto", devices=None if same_device or not devices else a.devices,
         # a CompVis base comes back as a CompVis file in the same format, as the 2023 script did
         save_compvis=compvis_in, compvis_format="ckpt" if compvis_in and Path(a.ckpt_path).suffix == ".ckpt"
         else "safetensors",
     )
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def to_config(a: argparse.Namespace) -> EraseConfig:
+    return resolve(to_given(a)).config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,10 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     from esd.models import load_pipeline, resolve_device
 
     try:
-        cfg = to_config(parse_args(argv)).validate()
+        resolution = resolve(to_given(parse_args(argv)))
+        cfg = resolution.config
         device = resolve_device(cfg.devices.split(",")[0] if cfg.devices else cfg.device)
         pipe = load_pipeline(cfg.model, device, config=cfg.config)
-        result = erase(cfg, pipe=pipe)
+        result = erase(cfg, pipe=pipe, resolution=resolution)
     except EsdError as err:
         print(f"train-esd.py: error: {err}", file=sys.stderr)
         return 2

@@ -18,7 +18,7 @@ from esd.robust import Adversary, attack_example, concept_images, first_prefix, 
 from esd.sampling import predict_prompts
 
 if TYPE_CHECKING:
-    from esd.erase import Setup
+    from esd.prepare import Setup
 
 
 def image_bank(s: Setup) -> list[tuple[str, str, torch.Tensor]]:

@@ -69,9 +69,10 @@ def job_status(job: EraseJob) -> str:
         return f"**{kind}:** {job.error}"
     result = job.result
     early = " (stopped early)" if result.stopped_early else ""
-    taken = result.model_defaults
-    taken = (f" Fields left as the form started took the model folder's recommendation for this concept: "
-             f"{', '.join(sorted(taken))} (see the run's README.md)." if taken else "")
+    res = result.resolution
+    taken = sorted(k for k, (_, source) in res.changes().items() if source != "flag") if res else []
+    taken = (f" Recipe `{res.recipe.name}` ({res.chosen_by}) gave {', '.join(taken) or 'nothing beyond the paper'}"
+             " (see the run's README.md and recipe.json)." if res else "")
     return (f"**Finished**: {len(result.losses)} of {cfg.iterations} iterations{early} in {result.seconds:.1f} s, "
             f"final loss {result.losses[-1]:.5f}. Run `{job.run_name}` saved. Open **Compare** to see it.{taken}")
 
@@ -122,9 +123,10 @@ def erase_tab(gr, app: EsdApp, run) -> None:
             inputs["concept"] = _field_component(gr, *specs[0], scale=2)
             preset = gr.Dropdown(["", *PRESETS], value="", label="preset", elem_id="preset",
                                  info="the 2023 code's concept lists; picking one fills the concept")
-            inputs["method"] = _field_component(gr, *specs[1])
+            inputs["recipe"] = _field_component(gr, *specs[1])
+            inputs["method"] = _field_component(gr, *specs[2])
         with gr.Row():
-            for spec in specs[2:]:
+            for spec in specs[3:]:
                 inputs[spec[0]] = _field_component(gr, *spec)
         with gr.Accordion("Advanced", open=False):
             with gr.Row():

@@ -29,7 +29,8 @@ from PIL import Image
 from esd.app_runs import new_run_dir, resolve_run, run_files, run_metadata
 from esd.config import EraseConfig
 from esd.errors import EsdError
-from esd.models import describe_model, grid_prompts, model_notes, recommended_settings
+from esd.models import describe_model, grid_prompts
+from esd.recipes import Resolution, available, resolve
 from esd.weights import applied_weights, has_text_encoder_delta, restore_parameters, snapshot_parameters
 
 # Sane maxima: a browser form must not be able to start a week-long job or a million images.
@@ -44,8 +45,9 @@ MAX_ATTACK_STEPS = 400
 STOP_GRACE_S = 1.0  # how long a model task waits for the model before it asks whether an erase is stopping
 STOP_WAIT_S = 300  # and how long it then waits for that erase to end its current iteration
 
-# EraseConfig fields shown in the form (the rest keep their EraseConfig defaults).
-FORM_FIELDS = ("concept", "method", "iterations", "eta", "start_guidance", "lr", "seed")
+# EraseConfig fields shown in the form. A field left blank takes the recipe's value (the recipe chosen, or the model
+# folder's for the concept's kind), as a flag not given does in `esd erase`; the rest keep the recipe's too.
+FORM_FIELDS = ("concept", "recipe", "method", "iterations", "eta", "start_guidance", "lr", "seed")
 ADVANCED_FIELDS = ("ddim_steps", "sample_from", "separator", "erase_from", "grid_steps", "save_every", "robust",
                    "train_text_encoder")
 FIELD_CAPS = {"iterations": MAX_ITERATIONS, "ddim_steps": MAX_DDIM_STEPS, "grid_steps": MAX_SAMPLE_STEPS,
@@ -68,12 +70,13 @@ def config_fields(names: tuple[str, ...]) -> list[tuple[str, type, object, str, 
 
 
 def _coerce(name: str, kind: type, value):
-    """A form value as the field's type; empty text means None (optional fields)."""
+    """A form value as the field's type; blank (empty text, no number, unticked) means "not given": None."""
+    if kind is bool:
+        return True if value else None  # a box can only add an opt-in; the recipe decides when it is unticked
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return "" if name == "concept" else None
     if kind is str:
-        text = "" if value is None else str(value)
-        return text if name == "concept" or text.strip() else None
-    if value is None or value == "":
-        raise EsdError(f"{name.replace('_', ' ')} is empty")
+        return str(value)
     try:
         number = float(value)
     except (TypeError, ValueError) as err:
@@ -85,15 +88,18 @@ def _coerce(name: str, kind: type, value):
     return number
 
 
-def config_from_form(values: dict, output: Path, device: str) -> EraseConfig:
-    """Validate the form through EraseConfig (one place for the rules) plus the app's caps."""
+def given_from_form(values: dict, output: Path, device: str) -> dict:
+    """The settings the form gives (blank fields left out), plus where the run goes and on which device."""
     kinds = {name: kind for name, kind, *_ in config_fields(FORM_FIELDS + ADVANCED_FIELDS)}
     unknown = set(values) - set(kinds)
     if unknown:
         raise EsdError(f"not settable from the app: {', '.join(sorted(unknown))}")
-    cfg = EraseConfig(**{k: _coerce(k, kinds[k], v) for k, v in values.items()}, output=str(output),
-                      device=device)
-    cfg.validate()
+    given = {k: _coerce(k, kinds[k], v) for k, v in values.items()}
+    return {k: v for k, v in given.items() if v is not None} | {"output": str(output), "device": device}
+
+
+def check_caps(cfg: EraseConfig) -> EraseConfig:
+    """The app's caps on top of EraseConfig's own rules: a browser form must not start a week-long job."""
     for name, cap in FIELD_CAPS.items():
         if getattr(cfg, name) > cap:
             raise EsdError(f"{name.replace('_', ' ')} is {getattr(cfg, name)}; the app allows at most {cap} "
@@ -105,9 +111,8 @@ def config_from_form(values: dict, output: Path, device: str) -> EraseConfig:
 class EraseJob:
     """One erase running in a worker thread; the UI polls it."""
 
-    cfg: EraseConfig  # as it runs: the form's values, then the model folder's recommendations
-    form: EraseConfig  # the form's values alone: erase() fills in the rest and its card says which
-    explicit: set[str] = field(default_factory=set)  # the form fields the user changed
+    cfg: EraseConfig  # as it runs: the recipe's settings with the form's filled fields over them
+    resolution: Resolution  # the recipe and where each setting came from (the card and recipe.json say so)
     losses: list[float] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
@@ -148,24 +153,24 @@ class EsdApp:
         """A testbed-like model: its folder ships the shape/colour classifier."""
         return (Path(self.source) / "classifier" / "config.json").is_file()
 
+    @property
+    def folder(self) -> Path | None:
+        """The model folder whose esd.json and recipes apply."""
+        return Path(self.source) if self.source and Path(self.source).is_dir() else None
+
     def form_fields(self, names: tuple[str, ...]) -> list[tuple[str, type, object, str, list | None]]:
-        """config_fields with the model folder's recommended settings (its esd.json) as the initial values."""
-        recommended = model_notes(self.pipe).get("erase_defaults", {})
+        """config_fields as the form shows them: blank (the recipe's value) but for the concept; recipe names."""
         out = []
         for name, kind, default, help_text, choices in config_fields(names):
-            if name in recommended and recommended[name] != default:
-                help_text += f" [this model recommends {recommended[name]}; EraseConfig default {default}]"
-                default = recommended[name]
-            out.append((name, kind, default, help_text, choices))
+            if name == "recipe":
+                help_text = ("blank: the model folder's recipe for the concept's kind (or paper); the fields below "
+                             "left blank take the recipe's values, filled ones win")
+                choices = ["", *available(self.folder)]
+            elif name != "concept" and kind is not bool:
+                help_text += f" (blank: the recipe's; paper: {default})"
+                choices = ["", *choices] if choices else None
+            out.append((name, kind, None if name != "concept" and kind is not bool else default, help_text, choices))
         return out
-
-    def changed_fields(self, values: dict) -> set[str]:
-        """The form fields whose value differs from the one the form started with. The others take what the model
-        folder recommends for the concept (its kind's, its word's, --robust's), as flags not given do in `esd erase`:
-        the form can only start from the generic recommendation, before the concept is known."""
-        initial = {name: (kind, default) for name, kind, default, *_ in self.form_fields(FORM_FIELDS + ADVANCED_FIELDS)}
-        return {name for name, value in values.items()
-                if name not in initial or _coerce(name, initial[name][0], value) != initial[name][1]}
 
     def run_dir(self, run_name: str) -> Path:
         """The folder of a run chosen in this session (by name, inside the output folder)."""
@@ -197,16 +202,17 @@ class EsdApp:
     # ---- erase
 
     def start_erase(self, values: dict) -> EraseJob:
-        """Validate the form and start erasing in a worker thread; refused while another task runs."""
-        form = config_from_form(values, self.output_dir, str(self.device))
-        explicit = self.changed_fields(values)
-        cfg, _ = form.with_defaults(recommended_settings(model_notes(self.pipe), form.concepts, form.robust)[0],
-                                    explicit)
-        cfg.validate()
+        """Resolve the form as `esd erase` resolves flags (recipe, then filled fields) and start erasing in a worker
+        thread; refused while another task runs."""
+        given = given_from_form(values, self.output_dir, str(self.device))
+        if given.get("recipe") and given["recipe"] not in available(self.folder):
+            raise EsdError(f"recipe {given['recipe']!r} is unknown; pick one of the list")  # names only, no paths
+        resolution = resolve(given, self.folder)
+        cfg = check_caps(resolution.config)
         if not self._take_model():
             raise EsdError("an erase is already running; wait for it to finish or press Stop")
-        cfg.output = form.output = str(new_run_dir(self.output_dir, cfg))  # made holding the lock: never collides
-        job = EraseJob(cfg, form, explicit)
+        cfg.output = str(new_run_dir(self.output_dir, cfg))  # made holding the lock: never collides
+        job = EraseJob(cfg, resolution)
         self.job = job
         threading.Thread(target=self._erase_worker, args=(job,), name="esd-erase", daemon=True).start()
         return job
@@ -222,8 +228,8 @@ class EsdApp:
             if job.cfg.train_text_encoder:
                 saved.append((encoder, snapshot_parameters(encoder, [n for n, _ in encoder.named_parameters()])))
             try:
-                job.result = erase(job.form, pipe=self.pipe, progress=False, on_step=job.on_step,
-                                   explicit=job.explicit)
+                job.result = erase(job.cfg, pipe=self.pipe, progress=False, on_step=job.on_step,
+                                   resolution=job.resolution)
             finally:
                 for module, values in saved:
                     restore_parameters(module, values)

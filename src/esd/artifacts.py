@@ -1,4 +1,4 @@
-"""What an erase leaves beside its weights: loss.png, grid.png and the model card README.md."""
+"""What an erase leaves beside its weights: loss.png, grid.png, the model card README.md and recipe.json."""
 
 from __future__ import annotations
 
@@ -11,22 +11,26 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from esd.config import ETA_CONVENTION, EraseConfig  # noqa: E402
+from esd.config import ETA_CONVENTION, EraseConfig, adversary_modes  # noqa: E402
 from esd.evaluate.generate import DEFAULT_GUIDANCE, generate_product  # noqa: E402
 from esd.evaluate.report import save_image  # noqa: E402
 from esd.grids import CELL, make_grid  # noqa: E402
 from esd.models import describe_model, grid_prompts, text_encoders_on  # noqa: E402
 from esd.networks import is_transformer, network  # noqa: E402
+from esd.phrasing import retain_pool  # noqa: E402
+from esd.recipes import as_recipe, brief  # noqa: E402
 from esd.selection import group_table  # noqa: E402
+from esd.shipped import testbed_path  # noqa: E402
 from esd.weights import atomic_path, split_text_encoder  # noqa: E402
 
 GRID_SEEDS = (0, 1)
 
 
 def grid_spec(pipe, cfg: EraseConfig) -> list[str]:
-    """The concept prompt(s) first (and the erase-from context), then unrelated prompts."""
+    """The concept prompt(s) first (and the erase-from context), then the grid prompts that name no erased concept:
+    what else the erase may have changed."""
     prompts = list(cfg.concepts[:2]) + ([cfg.erase_from] if cfg.erase_from else [])
-    return prompts + list(cfg.grid_prompts or grid_prompts(pipe))[:3]
+    return prompts + retain_pool(list(cfg.grid_prompts or grid_prompts(pipe)), cfg.concepts)
 
 
 def _images(pipe, cfg: EraseConfig, size: int) -> list[Image.Image]:
@@ -125,8 +129,38 @@ image = pipe("{cfg.concepts[0]}").images[0]
 ```"""
 
 
+def adversary_embeddings(cfg: EraseConfig) -> str:
+    """What the --robust adversary optimises: prefix embeddings before the prompt, or one embedding in the word's
+    place (word, inversion), or both in turn."""
+    kinds = set(adversary_modes(cfg.robust_adversary))
+    parts = ([f"{cfg.robust_tokens} prefix embeddings"] if "prefix" in kinds else []) + (
+        ["one word embedding"] if kinds & {"word", "inversion"} else [])
+    return " or ".join(parts)
+
+
+def base_name(pipe, cfg: EraseConfig) -> str:
+    """The base model as a card names it: the Hugging Face id or the path the user gave, never this machine's
+    absolute path to the shipped testbed."""
+    source = str(getattr(pipe, "esd_source", None) or cfg.model or "")
+    if cfg.model is None or Path(source).resolve() == testbed_path().resolve():
+        return "esd-testbed"  # models/testbed/ of the esd package
+    return cfg.model
+
+
+def settings_table(result) -> str:
+    """Every setting that differs from the paper's, with where it came from (recipe, flag, model folder)."""
+    res = result.resolution
+    lines = [f"Recipe **{res.recipe.name}** ({res.chosen_by}): {res.recipe.description}", "",
+             "| setting | value | from |", "|---|---|---|"]
+    for name, (value, source) in res.changes(run_fields=False).items():
+        lines.append(f"| {name} | `{brief(value)}` | {source} |")
+    return "\n".join(lines) + "\n\nEvery other setting is the paper's. `recipe.json` beside this card reruns it: " \
+        "`esd erase --recipe recipe.json`."
+
+
 def model_card(cfg: EraseConfig, pipe, result) -> str:
-    base = getattr(pipe, "esd_source", cfg.model)
+    base = base_name(pipe, cfg)
+    load = "models/testbed" if base == "esd-testbed" else base  # the testbed's folder in a checkout of esd
     net = network(pipe)
     part = "transformer" if is_transformer(net) else "unet"  # the pipeline attribute the weights belong to
     net_names, text_names = (list(part) for part in split_text_encoder(dict.fromkeys(result.trained)))
@@ -153,7 +187,7 @@ Erased with [ESD](https://arxiv.org/abs/2303.07345) (Gandikota et al., ICCV 2023
 | erase from | {f"`{cfg.erase_from}`" if cfg.erase_from else "—"} |
 | method | `{cfg.method}` ({f"a rank-{cfg.lora_rank} LoRA update of its layers, " if cfg.lora_rank else ""}{len(net_names)} tensors, {n_trained:,} trained parameters; the {part} has {n_total:,}) |
 | text encoder | {f"trained: {len(text_names)} tensors, {n_text:,} parameters (its layers; embeddings kept), lr {cfg.text_encoder_lr or cfg.lr}{text_held}" if text_names else "frozen"} |
-| adversarial erasing | {f"`--robust` ({cfg.robust_adversary}): {cfg.robust_tokens} prefix embeddings, {cfg.robust_steps} attack steps (lr {cfg.robust_lr}) every {cfg.robust_every} iteration(s){f', {cfg.robust_images} images of the concept' if 'inversion' in cfg.robust_adversary else ''}" if cfg.robust else "off"} |
+| adversarial erasing | {f"`--robust` ({cfg.robust_adversary}): {adversary_embeddings(cfg)}, {cfg.robust_steps} attack steps (lr {cfg.robust_lr}) every {cfg.robust_every} iteration(s){f', {cfg.robust_images} images of the concept' if 'inversion' in cfg.robust_adversary else ''}" if cfg.robust else "off"} |
 | η (negative guidance) | {cfg.eta} — {ETA_CONVENTION} |
 | start guidance s | {cfg.start_guidance} |
 | iterations | {len(result.losses)} of {cfg.iterations}{" (stopped early)" if result.stopped_early else ""} |
@@ -161,10 +195,14 @@ Erased with [ESD](https://arxiv.org/abs/2303.07345) (Gandikota et al., ICCV 2023
 | sampling steps N | {cfg.ddim_steps} ({"flow-matching Euler" if is_transformer(net) else "DDIM"}); x_t sampled by the {"model being trained (paper)" if cfg.sample_from == "esd" else "frozen model (2025 code)"} |
 | seed | {cfg.seed} |
 | precision | frozen weights {cfg.precision}{"" if cfg.precision == "fp32" else " (forwards under autocast)"}; trained parameters and Adam state fp32 |
-| from the model's esd.json | {", ".join(f"{k}={v}" for k, v in result.model_defaults.items()) or "—"} (recommended settings for flags not given) |
+| recipe | `{result.resolution.recipe.name}` ({result.resolution.chosen_by}); the settings it and the flags changed are listed below |
 | final loss (mean of last 20) | {final:.5f} |
 | wall time | {result.seconds:.1f} s |
 | CompVis single file | {f"`{result.compvis.name}` (for AUTOMATIC1111/ComfyUI)" if result.compvis else "— (`--save-compvis` writes one)"} |
+
+## Settings
+
+{settings_table(result)}
 
 ## What was trained
 
@@ -176,9 +214,9 @@ Erased with [ESD](https://arxiv.org/abs/2303.07345) (Gandikota et al., ICCV 2023
 
 ## Use it
 
-{use_snippet(cfg, base, part)}
+{use_snippet(cfg, load, part)}
 
-or: `esd generate --model {base} --weights esd.safetensors --prompt "{cfg.concepts[0]}" --output images/`
+or: `esd generate{"" if base == "esd-testbed" else f" --model {base}"} --weights esd.safetensors --prompt "{cfg.concepts[0]}" --output images/`
 
 ## Configuration
 
@@ -195,3 +233,5 @@ def write_outputs(out: Path, cfg: EraseConfig, pipe, result, before: list[Image.
         write_grid(out / "grid.png", grid_spec(pipe, cfg), before, _images(pipe, cfg, size))
     with atomic_path(out / "README.md") as tmp:
         tmp.write_text(model_card(cfg, pipe, result), encoding="utf-8")
+    with atomic_path(out / "recipe.json") as tmp:  # `esd erase --recipe OUT/recipe.json` repeats the run
+        tmp.write_text(json.dumps(as_recipe(result.resolution), indent=2) + "\n", encoding="utf-8")

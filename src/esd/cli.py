@@ -16,16 +16,17 @@ from pathlib import Path
 from esd import app as app_command
 from esd.attack import command as attack_command
 from esd.compvis import FAMILIES, TO_CHOICES
-from esd.config import EraseConfig
+from esd.config import HELP_GROUPS, EraseConfig
 from esd.errors import EsdError, NonFiniteLossError
 from esd.evaluate import command as evaluate_command
 from esd.evaluate.generate import DEFAULT_GUIDANCE, DEFAULT_STEPS
-from esd.helpformat import DefaultsOnceFormatter
+from esd.helpformat import GroupedHelpFormatter
+from esd.recipes import command as recipes_command
 from esd.testbed import cli as testbed_command
 
 # Sub-commands that live with their feature and add themselves to the parser. Imported plainly: a
 # module that fails to import stops `esd` with its traceback instead of its sub-command vanishing.
-FEATURE_COMMANDS = (testbed_command.register, evaluate_command.register, attack_command.register,
+FEATURE_COMMANDS = (recipes_command.register, testbed_command.register, evaluate_command.register, attack_command.register,
                     app_command.register)
 
 
@@ -50,35 +51,48 @@ def _arg_type(kind) -> type:
     return kind
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls=EraseConfig, suppress: bool = False) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser, cls=EraseConfig, given_only: bool = False,
+                         groups: dict[str, tuple[str, ...]] | None = None) -> None:
     """One flag per dataclass field: type from the annotation, help/choices/nargs from the metadata.
 
-    With `suppress`, unset flags are left out of the namespace: that tells which ones the user gave.
+    With `given_only`, a flag not given is left out of the namespace (`given_settings` then holds exactly what the
+    user typed) and the help states the field's default itself. `groups`: title -> field names, for --help.
     """
     hints = typing.get_type_hints(cls)
+    where = {name: parser.add_argument_group(title) for title, names in (groups or {}).items() for name in names}
     for f in dataclasses.fields(cls):
         meta = dict(f.metadata)
         help_text = meta.pop("help", "")
-        default = argparse.SUPPRESS if suppress else f.default
-        if suppress:
-            meta.pop("required", None)
+        target = where.get(f.name, parser)
+        default = argparse.SUPPRESS if given_only else f.default
+        if given_only:
+            meta.pop("required", None)  # checked once the recipe is in: a recipe file may name the concept
+            if f.default not in (None, "", False) and "(default" not in help_text:
+                help_text += f" (default: {f.default})"
         if hints[f.name] is bool:  # --flag / --no-flag
-            parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+            target.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=default, help=help_text)
             continue
         kind = meta.pop("type", None) or _arg_type(hints[f.name])  # a field may bring its own parser
-        parser.add_argument(_flag(f.name), dest=f.name, type=kind, default=default, help=help_text, **meta)
+        target.add_argument(_flag(f.name), dest=f.name, type=kind, default=default, help=help_text, **meta)
 
 
-def explicit_fields(argv: list[str], cls=EraseConfig) -> set[str]:
-    """The config fields set on the command line `argv` (the sub-command's own arguments)."""
-    probe = argparse.ArgumentParser(add_help=False)
-    add_config_arguments(probe, cls, suppress=True)
-    return set(vars(probe.parse_known_args(argv)[0]))
+def given_settings(args: argparse.Namespace, cls=EraseConfig) -> dict:
+    """The config fields the user set (a parser made with `given_only`): the top layer of `esd.recipes.resolve`."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in vars(args).items() if k in names}
 
 
 def config_from_args(args: argparse.Namespace, cls=EraseConfig):
     return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+ERASE_DESCRIPTION = """Erase a concept from a model's weights with ESD (Gandikota et al., ICCV 2023).
+
+The defaults shown are the paper's. A recipe goes over them: --recipe NAME|FILE, or else the one the model folder
+assigns to the concept's kind (the shipped testbed has one per kind); flags given go over the recipe. `esd recipes`
+lists the recipes; before training, `esd erase` prints the recipe it took and every setting that differs from the
+paper's, with its source, and the output folder keeps the whole resolved config as recipe.json."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,9 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"esd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    erase = sub.add_parser("erase", help="erase a concept from a model's weights",
-                           formatter_class=DefaultsOnceFormatter)
-    add_config_arguments(erase)
+    erase = sub.add_parser("erase", help="erase a concept from a model's weights", description=ERASE_DESCRIPTION,
+                           usage="esd erase --concept CONCEPT [--recipe NAME|FILE] [--model MODEL] [options]",
+                           formatter_class=GroupedHelpFormatter)
+    add_config_arguments(erase, given_only=True, groups=HELP_GROUPS)
     erase.set_defaults(run=run_erase)
 
     gen = sub.add_parser("generate", help="generate images from a base model, optionally with ESD weights")
@@ -144,14 +159,15 @@ def add_convert_command(subparsers) -> argparse.ArgumentParser:
 
 def run_erase(args: argparse.Namespace) -> int:
     from esd.erase import erase
+    from esd.recipes import resolve
 
-    cfg = config_from_args(args).validate()
-    result = erase(cfg, explicit=explicit_fields(args.argv))
+    resolution = resolve(given_settings(args))
+    result = erase(resolution.config, resolution=resolution)
     cfg = result.config
     steps = len(result.losses)
     print(f"erased {cfg.concepts} with {cfg.method}: {steps} iterations in {result.seconds:.1f} s, "
-          f"final loss {result.losses[-1]:.5f}; wrote {result.output}/esd.safetensors, README.md, loss.png"
-          + (", grid.png" if cfg.grid_steps else "") + (f", {result.compvis}" if result.compvis else ""))
+          f"final loss {result.losses[-1]:.5f}; wrote {result.output}/esd.safetensors, README.md, recipe.json, "
+          "loss.png" + (", grid.png" if cfg.grid_steps else "") + (f", {result.compvis}" if result.compvis else ""))
     return 0
 
 
@@ -184,7 +200,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    args.argv = argv[1:]  # the sub-command's own arguments
     try:
         return args.run(args)
     except EsdError as err:

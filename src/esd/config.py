@@ -92,6 +92,23 @@ def _adversary_arg(text: str) -> str:
     return text
 
 
+# `esd erase --help` in topics (the field order inside each group is the dataclass's).
+HELP_GROUPS = {
+    "what to erase": ("concept", "separator", "erase_from", "recipe"),
+    "the model": ("model", "config", "image_size", "device", "devices", "precision"),
+    "the paper's method (Algorithm 1, Eq. 5)": ("method", "iterations", "lr", "eta", "start_guidance", "ddim_steps",
+                                                "seed"),
+    "training": ("batch_size", "lr_schedule", "sample_from", "timestep", "lora_rank", "train_text_encoder",
+                 "text_encoder_lr", "gradient_checkpointing", "guidance_batch", "trajectory_reuse", "grad_clip"),
+    "opt-in extensions (phrasings and what to keep)": ("contexts", "retain", "retain_weight", "siblings",
+                                                       "anchor_siblings", "start_from_sibling", "text_retain_weight"),
+    "robust erasing (--robust)": ("robust", "robust_adversary", "robust_images", "robust_timesteps", "robust_tokens",
+                                  "robust_steps", "robust_every", "robust_lr"),
+    "outputs and checkpoints": ("output", "grid_prompts", "grid_steps", "save_every", "save_every_seconds",
+                                "checkpoints_total_limit", "resume", "overwrite", "save_compvis", "compvis_format"),
+}
+
+
 @dataclass
 class EraseConfig:
     """Everything that defines an erase run; saved in the weights' metadata and the model card."""
@@ -99,6 +116,10 @@ class EraseConfig:
     concept: str = _opt("concept to erase, e.g. 'Van Gogh' or 'nudity'; a preset name (i2p, allartist, artifact) "
                         "or several concepts joined by --separator", default="",
                         meta={"required": True})
+    recipe: str | None = _opt(
+        "a recipe: a name `esd recipes` lists, or a .json file (e.g. the recipe.json an erase writes, to repeat it); "
+        "its settings go over the paper's defaults and the flags given go over it (default: the model folder's "
+        "recipe for the concept's kind, else paper)", default=None, meta={"metavar": "NAME|FILE"})
     model: str | None = _opt("base model: a Hugging Face id, a diffusers pipeline folder or a CompVis "
                              ".ckpt/.safetensors file (default: the shipped testbed)", default=None)
     config: str | None = _opt("for a CompVis file: its LDM yaml or a diffusers config folder "
@@ -108,13 +129,17 @@ class EraseConfig:
     method: str = _opt("which UNet parameters to train: xattn (ESD-x, styles), noxattn (ESD-u, objects/nudity), "
                        "selfattn, full, notime, xlayer, selflayer, x-strict", default="xattn",
                        meta={"choices": METHOD_CHOICES})
-    iterations: int = _opt("training iterations (paper: 1000)", default=1000)
-    lr: float = _opt("Adam learning rate (paper: 1e-5)", default=1e-5)
+    iterations: int = _opt("training iterations", default=1000)
+    lr: float = _opt("Adam learning rate", default=1e-5)
     eta: float = _opt("negative guidance eta, " + ETA_CONVENTION, default=1.0)
     start_guidance: float = _opt("classifier-free guidance s used to sample x_t with the concept prompt (FLUX.1-dev: "
                                  "the guidance value it takes as an input)", default=3.0)
     ddim_steps: int = _opt("steps N of the partial sampler (DDIM; flow-matching Euler for SD3/FLUX); x_t is taken "
                            "after a random number of them", default=50)
+    timestep: Literal["band", "grid"] = _opt(
+        "the training timestep t of x_t at sampler step k: band (uniform in step k's band of the 1000 training "
+        "timesteps, the 2023 code) or grid (the sampler's own timestep of step k, the 2025 code)", default="band",
+        meta={"choices": ["band", "grid"]})
     seed: int = _opt("random seed (concept draws, DDIM step, noise, grid images)", default=0)
     device: str = _opt("torch device: auto, cpu, cuda, cuda:1, mps", default="auto")
     devices: str | None = _opt("two devices 'A,B' (e.g. 0,1): trained UNet on A, a frozen full copy on B "
@@ -139,17 +164,15 @@ class EraseConfig:
         "them instead of a --retain prompt ('red {}' erases 'red circle' and holds 'red square')", default=None,
         meta={"nargs": "+"})
     anchor_siblings: bool = _opt(
-        "opt-in, with --siblings and --contexts (robust erasing): also hold each phrasing without the concept ('a red' "
-        "for 'a red {}') to the frozen model's prediction for the phrasing with a sibling ('a red square'), so a "
-        "prompt whose concept word an attack drowns falls back to a sibling, not to what the model draws by default "
-        "(on the testbed, a circle); the empty prompt stays held to itself. Leave the prompts naming no concept of "
-        "the kind ('red') out of --retain: they would hold the old default", default=False)
+        "opt-in, with --siblings and --contexts: also hold each phrasing without the concept ('a red' for "
+        "'a red {}') to the frozen model's prediction for the same phrasing with a sibling ('a red square'), so a "
+        "prompt whose concept word is drowned falls back to a sibling rather than to the model's default drawing",
+        default=False)
     start_from_sibling: bool = _opt(
         "opt-in, with --siblings: Eq. 5's guidance starts from the phrasing with a sibling in the concept's place "
         "('a red square' for 'a red circle'; one fixed sibling per phrasing) instead of the phrasing without it "
-        "('a red', '' for the bare word). Where the start itself draws the concept (on the testbed, a noise on which "
-        "'' and 'red' draw a circle), the paper's target equals the concept's own prediction and erases nothing; "
-        "from a sibling the erased prompt draws the sibling there", default=False)
+        "('a red', or '' for the bare word). For a model whose unconditional drawing is often the concept itself, "
+        "where the paper's push ε*(x,c) − ε*(x,'') vanishes", default=False)
     lora_rank: int | None = _opt("train a rank-R LoRA update of the layers --method selects instead of their weights "
                                  "(big models: SDXL, SD3.5, FLUX); esd.safetensors is then a LoRA file that "
                                  "diffusers' load_lora_weights reads (default: full weights, the paper)",
@@ -158,29 +181,20 @@ class EraseConfig:
         "opt-in adversarial erasing (AdvUnlearn, Zhang et al. 2024): every --robust-every iterations a few steps of "
         "an inner attack (the code of `esd attack`) find embeddings that bring the concept back on the current "
         "model, placed as --robust-adversary says, and the erase term trains on them too; pair it with --retain "
-        "(SD1.x/SD2.x). A model folder's esd.json may recommend settings for it (erase_defaults_robust, and per kind "
-        "erase_defaults_robust_by_kind: the testbed's are 300 iterations and --robust-lr 0.02, and for shapes "
-        "--retain-weight 8 and --lr 0.003)", default=False)
+        "(SD1.x/SD2.x). Without --recipe, a model folder may assign a robust recipe per kind", default=False)
     robust_adversary: str = _opt(
         "--robust: where the inner attack's embeddings go: prefix (--robust-tokens before the prompt, as "
         "UnlearnDiffAtk and AdvUnlearn), word (one embedding in place of the concept's word in its phrasing, at the "
         "example's x_t), inversion (one embedding in the word's place, fitted as textual inversion fits it: to "
         "denoise the original model's images of the concept, --robust-images of them, noised at any timestep; the "
         "erase term then trains at those noised images too), or several joined by '+' taking turns over the "
-        "batch, a kind named twice taking two turns (the default, prefix+inversion: with the testbed's "
-        "robust recommendation it held both attacks of `esd attack` within the bar on erase seeds 0-2; prefix alone "
-        "did not stop textual inversion; "
-        "both = prefix+word)", default="prefix+inversion",
+        "batch, a kind named twice taking two turns (both = prefix+word)", default="prefix+inversion",
         meta={"metavar": "KIND[+KIND]", "type": _adversary_arg})
     robust_images: int = _opt("--robust-adversary inversion: images of the concept the original model makes at "
-                              "setup, the inner attack's targets, in turn over --contexts (enough to cover each "
-                              "phrasing: at 8, two of the testbed's 12 with a style, styled prompts came back)",
-                              default=16)
+                              "setup, the inner attack's targets, in turn over --contexts", default=16)
     robust_timesteps: str = _opt("--robust-adversary inversion: LOW:HIGH, the training timesteps the bank's images "
-                                 "are noised at: the whole schedule, as textual inversion draws them, or e.g. "
-                                 f"{DEFAULT_TIMESTEPS}, where `esd attack` fits its embeddings (on the testbed no "
-                                 "better: docs/design.md)", default="0:1000",
-                                 meta={"metavar": "LOW:HIGH", "type": _timesteps_arg})
+                                 "are noised at (the whole schedule, as textual inversion draws them)",
+                                 default="0:1000", meta={"metavar": "LOW:HIGH", "type": _timesteps_arg})
     robust_tokens: int = _opt("--robust: prefix embeddings the inner attack optimises", default=5)
     robust_steps: int = _opt("--robust: inner attack steps per refresh (warm-started from the last prefix)",
                              default=5)
@@ -190,21 +204,19 @@ class EraseConfig:
         "also train the text encoder (its transformer layers; the token and position embeddings stay), as "
         "AdvUnlearn does; esd.safetensors then holds the text-encoder delta under text_encoder.* and generate, "
         "evaluate, attack, convert and the app apply it (SD1.x/SD2.x)", default=False)
-    text_encoder_lr: float | None = _opt("--train-text-encoder: the text encoder's Adam learning rate (default: --lr); "
-                                         "every prompt goes through it, so a smaller rate than the UNet's keeps the "
-                                         "other concepts", default=None)
+    text_encoder_lr: float | None = _opt("--train-text-encoder: the text encoder's Adam learning rate (default: --lr)",
+                                         default=None)
     text_retain_weight: float = _opt(
         "--train-text-encoder: weight of a term that holds the trained encoder's outputs for every --retain and "
         "--siblings prompt to the original encoder's, all of them each iteration (relative squared change of the "
-        "hidden states). Every prompt goes through the encoder, and the UNet-level --retain term sees a few kept "
-        "prompts per step; this one keeps the words that must not move where they are (0: off)", default=0.0)
+        "hidden states; 0: off)", default=0.0)
     sample_from: Literal["esd", "frozen"] = _opt("which model samples x_t: esd (the one being trained, the "
                                                  "paper) or frozen (the 2025 code)", default="esd",
                                                  meta={"choices": ["esd", "frozen"]})
     batch_size: int = _opt("examples (w, k, z_T) per Adam step, per process (paper: 1)", default=1)
     lr_schedule: Literal["constant", "cosine"] = _opt(
-        "learning rate over the run: constant (the paper) or cosine decay to 0, meant to let a run at a large "
-        "--lr settle instead of ending mid-oscillation", default="constant", meta={"choices": ["constant", "cosine"]})
+        "learning rate over the run: constant (the paper) or cosine decay to 0, so a run at a large --lr settles "
+        "instead of ending mid-oscillation", default="constant", meta={"choices": ["constant", "cosine"]})
     grad_clip: float = _opt("clip the gradient norm of the trained parameters to this value (0: off, the paper)",
                             default=0.0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = _opt(
@@ -238,8 +250,9 @@ class EraseConfig:
     compvis_format: Literal["safetensors", "ckpt"] = _opt("file format of --save-compvis", default="safetensors",
                                                           meta={"choices": ["safetensors", "ckpt"]})
     output: str | None = _opt("output folder (default: outputs/esd-<concept>-<method>)", default=None)
-    grid_prompts: list[str] | None = _opt("unrelated prompts shown in grid.png next to the concept "
-                                          "(default: a few per model)", default=None, meta={"nargs": "+"})
+    grid_prompts: list[str] | None = _opt("prompts shown in grid.png below the concept's own rows, to see what "
+                                          "else changed (default: the model folder's, or three generic ones)",
+                                          default=None, meta={"nargs": "+"})
     grid_steps: int = _opt("sampling steps for the before/after grid (0: no grid)", default=30)
 
     def __post_init__(self) -> None:
@@ -279,7 +292,7 @@ class EraseConfig:
             raise EsdError("--resume is empty: give 'latest' or a checkpoint folder")
         if not math.isfinite(self.grad_clip) or self.grad_clip < 0:
             raise EsdError(f"--grad-clip must be a finite number >= 0 (0: off), got {self.grad_clip}")
-        for name, choices in (("sample_from", ("esd", "frozen")), ("precision", ("auto", "fp32", "bf16", "fp16")),
+        for name, choices in (("sample_from", ("esd", "frozen")), ("timestep", ("band", "grid")), ("precision", ("auto", "fp32", "bf16", "fp16")),
                               ("lr_schedule", ("constant", "cosine")),
                               ("compvis_format", ("safetensors", "ckpt"))):
             if getattr(self, name) not in choices:
@@ -325,27 +338,18 @@ class EraseConfig:
         return self
 
     def check_complete(self) -> EraseConfig:
-        """What only holds once the model's recommended settings are in (they may supply --contexts, --siblings)."""
+        """What only holds once the recipe's settings are in (it may supply --contexts, --siblings)."""
         if self.anchor_siblings and not (self.contexts and self.siblings):
             raise EsdError("--anchor-siblings holds each --contexts phrasing without the concept to the same phrasing "
-                           "with a --siblings word, and neither the flags nor the model's esd.json give both: pass "
+                           "with a --siblings word, and neither the flags nor the recipe give both: pass "
                            "them (e.g. --contexts 'a red {}' --siblings square)")
         if self.start_from_sibling and not retain_pool(self.siblings or [], self.concepts):
             raise EsdError("--start-from-sibling starts the guidance from the phrasing with a --siblings word, and "
-                           "neither the flags nor the model's esd.json give one: pass --siblings (e.g. square)")
+                           "neither the flags nor the recipe give one: pass --siblings (e.g. square)")
         if self.text_retain_weight and not (self.retain or self.siblings):
             raise EsdError("--text-retain-weight holds the encoder's outputs for the --retain and --siblings "
-                           "prompts, and neither the flags nor the model's esd.json give any: pass --retain")
+                           "prompts, and neither the flags nor the recipe give any: pass --retain")
         return self
-
-    def with_defaults(self, defaults: dict, explicit: set[str]) -> tuple[EraseConfig, dict]:
-        """Apply a model's recommended settings to the fields the user did not set; returns (config, applied)."""
-        known = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(defaults) - known)
-        if unknown:
-            raise EsdError(f"the model's esd.json recommends unknown settings {unknown}")
-        applied = {k: v for k, v in defaults.items() if k not in explicit and getattr(self, k) != v}
-        return dataclasses.replace(self, **applied), applied
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)

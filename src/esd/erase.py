@@ -14,7 +14,6 @@ docs/design.md, "Phrasings and retained prompts". Drawing an example and its los
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import sys
@@ -28,49 +27,16 @@ from tqdm.auto import tqdm
 
 from esd import __version__, resume
 from esd.adversary import adversary, image_bank
-from esd.config import ETA_CONVENTION, EraseConfig, adversary_modes, parse_timesteps
-from esd.distributed import (
-    Dist,
-    average_gradients,
-    barrier,
-    device_for,
-    example_seeds,
-    global_mean,
-    init_from_env,
-)
-from esd.errors import EsdError, NonFiniteLossError
-from esd.examples import (  # noqa: F401  (re-exported)
-    Example,
-    Slot,
-    batch_loss,
-    draw_example,
-    guidance_start,
-    held_prompts,
-    prompts_needed,
-)
+from esd.config import ETA_CONVENTION, EraseConfig, adversary_modes
+from esd.distributed import average_gradients, barrier, example_seeds, global_mean
+from esd.errors import NonFiniteLossError
+from esd.examples import Slot, batch_loss, draw_example
 from esd.lora import exported
-from esd.models import (
-    default_image_size,
-    describe_model,
-    encode_prompt,
-    load_pipeline,
-    model_family,
-    model_notes,
-    move_text_encoders,
-    prediction_type,
-    recommended_settings,
-    resolve_device,
-    samples_without_cfg,
-    save_esd_weights,
-)
-from esd.networks import TRANSFORMER_FAMILIES, is_transformer, network
-from esd.prepare import PRECISIONS, auto_precision, autocast, prepare_unet  # noqa: F401  (prepare_unet re-exported)
-from esd.robust import (
-    TextConds,
-    encoder_drift,
-    text_encoder_params,
-)
-from esd.sampling import Cond, Denoiser, ddim_scheduler
+from esd.models import default_image_size, model_family, prediction_type, save_esd_weights
+from esd.networks import is_transformer, network
+from esd.prepare import Setup, autocast, setup
+from esd.recipes import Resolution, resolved_as_given
+from esd.robust import encoder_drift
 from esd.weights import TEXT_ENCODER
 
 
@@ -82,8 +48,8 @@ class EraseResult:
     seconds: float = 0.0
     stopped_early: bool = False
     compvis: Path | None = None  # the CompVis single file, with --save-compvis
-    config: EraseConfig | None = None  # as run, after the model's recommended settings
-    model_defaults: dict = field(default_factory=dict)  # which settings came from the model's esd.json
+    config: EraseConfig | None = None  # as run
+    resolution: Resolution | None = None  # the recipe it started from and where each setting came from
 
 
 def parameter_of(pipe, name: str) -> torch.nn.Parameter:
@@ -139,123 +105,24 @@ def lr_factor(cfg: EraseConfig, step: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(step, cfg.iterations) / cfg.iterations))
 
 
-@dataclass
-class Setup:
-    """Everything the loop needs, prepared once: models, device, scheduler, text conditioning."""
-
-    cfg: EraseConfig  # after the model's recommended settings
-    pipe: object
-    device: torch.device
-    dist: Dist
-    params: dict[str, torch.nn.Parameter]  # θ
-    trained: Denoiser  # ε_θ
-    frozen: Denoiser  # ε*
-    scheduler: object
-    conds: dict[str, Cond]  # text conditioning, once per prompt (the text encoder is frozen)
-    size: int  # image side in pixels
-    applied: dict  # settings taken from the model folder's esd.json
-    guidance: float  # the sampler's CFG scale: --start-guidance, or 1 where the pipeline samples without CFG (FLUX)
-    text: TextConds | None = None  # the encoder as trained (--train-text-encoder) or prefixed (--robust)
-    held: list[str] = field(default_factory=list)  # --text-retain-weight: the prompts whose encodings stay
-    # --robust-adversary inversion: the original model's images of the concept, (concept, phrasing, latent)
-    bank: list[tuple[str, str, torch.Tensor]] = field(default_factory=list)
-    bank_timesteps: tuple[int, int] = (0, 1000)  # --robust-timesteps, parsed once: where the bank is noised
-
-    @property
-    def sampler(self) -> Denoiser:
-        return self.trained if self.cfg.sample_from == "esd" else self.frozen
-
-    @property
-    def latent_shape(self) -> tuple[int, ...]:
-        side = self.size // self.pipe.vae_scale_factor
-        return (1, self.pipe.vae.config.latent_channels, side, side)
-
-
-def _brief(value) -> str:
-    """A setting as one short line: long lists (the phrasings, the kept prompts) by their first items."""
-    if isinstance(value, list) and len(value) > 3:
-        return "[" + ", ".join(repr(v) for v in value[:2]) + f", ... ({len(value)} in all)]"
-    return str(value)
-
-
-def setup(cfg: EraseConfig, pipe, explicit: set[str] | None, progress: bool) -> Setup:
-    """Load (or take) the pipeline, apply the model's recommendations, select θ, place and cast the models."""
-    cfg.validate()
-    device = resolve_device(cfg.devices.split(",")[0] if cfg.devices else cfg.device)
-    d = init_from_env(device.type)
-    device = device_for(d, device)
-    progress = progress and d.main  # one process speaks
-    # In bf16/fp16 (and auto, until the family is known) the pipeline is cast on the CPU first: the device never
-    # holds it in fp32.
-    pipe = pipe if pipe is not None else load_pipeline(cfg.model, "cpu" if cfg.precision != "fp32" else device,
-                                                       config=cfg.config)
-    applied = {}
-    if explicit is not None:
-        recommended, kind = recommended_settings(model_notes(pipe), cfg.concepts, cfg.robust)
-        cfg, applied = cfg.with_defaults(recommended, explicit)
-        cfg.validate()
-        if applied and progress:
-            tqdm.write(f"settings recommended by the model folder's esd.json{f' for a {kind}' if kind else ''} "
-                       "(override with flags): " + ", ".join(f"{k}={_brief(v)}" for k, v in applied.items()))
-    cfg.check_complete()
-    family = model_family(pipe)
-    if cfg.precision == "auto":
-        cfg = dataclasses.replace(cfg, precision=auto_precision(family))
-    half = cfg.precision != "fp32"
-    if cfg.save_compvis and family in TRANSFORMER_FAMILIES.values():
-        raise EsdError(f"--save-compvis: no CompVis layout for {family.upper()}; leave the flag out and, for "
-                       "ComfyUI, write the erased transformer afterwards with `esd convert MODEL out.safetensors "
-                       "--weights OUTPUT/esd.safetensors`")
-    if (cfg.robust or cfg.train_text_encoder) and family not in ("sd1", "sd2"):
-        flag = "--robust" if cfg.robust else "--train-text-encoder"
-        raise EsdError(f"{flag} supports SD1.x/SD2.x pipelines (one CLIP text encoder); this one is {family}")
-    params, trained, frozen = prepare_unet(cfg, network(pipe), device)
-    for part in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):  # frozen helpers: weight dtype, on the device
-        if getattr(pipe, part, None) is not None:
-            trains = part == "text_encoder" and cfg.train_text_encoder  # θ stays fp32
-            getattr(pipe, part).to(device, PRECISIONS[cfg.precision] if half and not trains else None)
-    if cfg.train_text_encoder:
-        params = {**params, **text_encoder_params(pipe.text_encoder)}
-    size = cfg.image_size or default_image_size(pipe)
-    side = size // pipe.vae_scale_factor
-    if family in ("flux", "flux2") and side % 2:
-        raise EsdError(f"--image-size {size}: FLUX takes 2x2 patches of the latent, so the side must be a multiple "
-                       f"of {2 * pipe.vae_scale_factor}")
-    one_prediction = samples_without_cfg(pipe)
-    if progress:  # say which adapter runs: the family decides text encoding, size ids and the output's meaning
-        tqdm.write(f"base model: {describe_model(pipe, size)}")
-    conds = {p: encode_prompt(pipe, p, size, guidance=cfg.start_guidance) for p in prompts_needed(cfg)}
-    if device.type != "cpu" and not (cfg.robust or cfg.train_text_encoder):  # every prompt is encoded: the text
-        move_text_encoders(pipe, "cpu")  # encoders make room for training
-    scheduler = ddim_scheduler(pipe.scheduler, cfg.ddim_steps, image_seq_len=(side // 2) ** 2,
-                               empirical_mu=family == "flux2")
-    guidance = 1.0 if one_prediction else cfg.start_guidance  # x_t as the pipeline samples: FLUX without CFG
-    text = TextConds(pipe, cfg.train_text_encoder) if cfg.robust or cfg.train_text_encoder else None
-    if cfg.robust and not cfg.retain and progress:
-        tqdm.write("--robust without --retain: nothing holds the rest of the model while the adversary pushes the "
-                   "erase wider; pass --retain with prompts to keep (AdvUnlearn holds a set of captions)")
-    s = Setup(cfg, pipe, device, d, params, trained, frozen, scheduler, conds, size, applied, guidance, text,
-              held_prompts(cfg) if cfg.text_retain_weight else [])
-    if cfg.robust and "inversion" in adversary_modes(cfg.robust_adversary) and not cfg.erase_from:
-        s.bank, s.bank_timesteps = image_bank(s), parse_timesteps(cfg.robust_timesteps, "--robust-timesteps")
-    return s
-
-
 def erase(cfg: EraseConfig, pipe=None, progress: bool = True,
           on_step: Callable[[int, float], bool | None] | None = None,
-          explicit: set[str] | None = None) -> EraseResult:
-    """Run ESD with `cfg` and write the outputs. `on_step(i, loss)` may return True to stop early.
+          resolution: Resolution | None = None) -> EraseResult:
+    """Run ESD with exactly `cfg` and write the outputs. `on_step(i, loss)` may return True to stop early.
 
     A given `pipe` is trained in place (its UNet ends up erased); otherwise `cfg.model` is loaded.
-    With `explicit` (the fields the user set, as the CLI passes), settings the model folder recommends
-    in its esd.json fill in the others, and the model card says so.
+    `resolution` (from `esd.recipes.resolve`, as the CLI and the app make it) says which recipe, flag or model
+    folder chose each setting: it is printed first and goes into the model card and recipe.json.
     Under torchrun/`accelerate launch` each process draws its own examples and gradients are averaged.
     A checkpoint in the output folder is resumed (`esd.resume.resume_point`). Stopping early, Ctrl-C and
     SIGTERM (and on_step raising KeyboardInterrupt) save a checkpoint; the last two then raise KeyboardInterrupt.
     """
     from esd.artifacts import before_images, write_outputs  # plotting/imaging only when needed
 
-    s = setup(cfg, pipe, explicit, progress)
+    resolution = resolution or resolved_as_given(cfg)
+    s = setup(cfg, pipe, progress, resolution)
+    if s.cfg.robust and "inversion" in adversary_modes(s.cfg.robust_adversary) and not s.cfg.erase_from:
+        s.bank = image_bank(s)  # the original model's images of the concept, before θ moves
     cfg, pipe, device, d, params = s.cfg, s.pipe, s.device, s.dist, s.params
     progress = progress and d.main
     out = Path(cfg.output or cfg.default_output())
@@ -267,7 +134,7 @@ def erase(cfg: EraseConfig, pipe=None, progress: bool = True,
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, cfg))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")  # fp16 gradients underflow
     slots = [Slot.seeded(seed) for seed in example_seeds(cfg.seed, d.rank, cfg.batch_size)]
-    result = EraseResult(output=out, trained=list(params), config=cfg, model_defaults=s.applied)
+    result = EraseResult(output=out, trained=list(params), config=cfg, resolution=resolution)
     state = resume.TrainState(params, optimizer, lr_schedule, scaler, slots, result.losses)
     if checkpoint is not None:
         resume.load(checkpoint, state, cfg, d, device)

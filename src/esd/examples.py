@@ -128,7 +128,7 @@ def draw_example(cfg: EraseConfig, conds: dict[str, Cond], sampler: Denoiser, fr
             x = sample_until(sampler, scheduler, z_T, sampled, sample_conds[""], guidance, k, cfg.guidance_batch)
     slot.uses_left -= 1
     x_t, x_kept = x[:1], x[1:]
-    t = torch.tensor([step_timestep(k, scheduler, slot.gen)], device=device)
+    t = torch.tensor([step_timestep(k, scheduler, slot.gen, cfg.timestep)], device=device)
     named = {"start": conds[guidance_start(cfg, context)], "concept": conds[text]}
     if cfg.erase_from:
         named["context"] = prompt

@@ -13,8 +13,8 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from esd.networks import forward
-from esd.sampling import Cond, Denoiser, unet_denoiser
+from esd.networks import Cond, forward
+from esd.sampling import Denoiser, unet_denoiser
 
 
 def original_values(params: dict[str, nn.Parameter]) -> dict[str, Tensor]:

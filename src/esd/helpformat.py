@@ -26,3 +26,7 @@ class DefaultsOnceFormatter(argparse.HelpFormatter):
         if not action.option_strings and action.nargs not in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
             return text  # a required positional has no default
         return f"{text} (default: %(default)s)"
+
+
+class GroupedHelpFormatter(DefaultsOnceFormatter, argparse.RawDescriptionHelpFormatter):
+    """DefaultsOnceFormatter keeping the description's own line breaks (its paragraphs explain the layers)."""

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from esd.errors import EsdError
-from esd.networks import TRANSFORMER_FAMILIES, network
-from esd.sampling import Cond, is_flow
+from esd.networks import TRANSFORMER_FAMILIES, Cond, network
+from esd.sampling import is_flow
 from esd.shipped import check_testbed, testbed_path
 
 # re-exported for esd.erase, esd.testbed.cli and tests/test_testbed*.py; import from esd.weights
@@ -28,22 +28,25 @@ SINGLE_FILE_SUFFIXES = {".ckpt", ".safetensors", ".pt", ".pth", ".bin"}
 GENERIC_GRID_PROMPTS = ["a photo of a dog", "a city street at night", "a bowl of fruit on a wooden table"]
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' picks CUDA, then MPS, then CPU; a bare index like '1' means cuda:1."""
+def resolve_device(name: str = "auto", flag: str = "--device") -> torch.device:
+    """'auto' picks CUDA, then MPS, then CPU; a bare index like '1' means cuda:1. `flag`: the flag the name came
+    from (--devices' first device), named in errors."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
+    given = name
     if name.isdigit():
         name = f"cuda:{name}"
     try:
         device = torch.device(name)
     except RuntimeError as err:
-        raise EsdError(f"--device {name!r} is not a torch device (use auto, cpu, cuda, cuda:1, mps)") from err
+        raise EsdError(f"{flag} {given!r} is not a torch device (use auto, cpu, cuda, cuda:1, mps)") from err
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise EsdError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        fix = "leave --devices out (one device)" if flag == "--devices" else "use --device cpu"
+        raise EsdError(f"{flag}: {given} needs CUDA, which this machine does not have; {fix}")
     return device
 
 
@@ -216,61 +219,12 @@ def samples_without_cfg(pipe) -> bool:
 
 
 def model_notes(pipe) -> dict:
-    """A model folder may ship `esd.json`: {"grid_prompts": [...], "erase_defaults": {field: value}, and
-    optionally "concept_kinds" / "erase_defaults_by_kind" / "erase_defaults_by_word" / "erase_defaults_robust" /
-    "erase_defaults_robust_by_kind" (see `recommended_settings`)}."""
+    """The pipeline's model folder's `esd.json` (grid prompts, concept kinds, which recipe each kind gets;
+    `esd.recipes`), or {} when it has none."""
+    from esd import recipes
+
     source = Path(getattr(pipe, "esd_source", "") or "")
-    spec = source / "esd.json" if source.is_dir() else None
-    if spec is None or not spec.exists():
-        return {}
-    try:
-        return json.loads(spec.read_text())
-    except json.JSONDecodeError as err:
-        raise EsdError(f"{spec}: not valid JSON ({err})") from err
-
-
-def recommended_settings(notes: dict, concepts: list[str], robust: bool = False) -> tuple[dict, str | None]:
-    """The erase settings a model folder recommends for these concepts, and the kind they were chosen for.
-
-    `esd.json` may name kinds of concept (`"concept_kinds": {"shape": ["circle", ...], ...}`) with settings
-    for each (`"erase_defaults_by_kind"`); when every concept names a word of the same kind ("circle",
-    "a red circle"), that kind's settings win over the generic `"erase_defaults"`. When the concepts are bare
-    words of the kind and the settings erase them in phrasings (`contexts`), the kind's other words are held in
-    the same phrasings (`siblings`), unless the settings name their own. A single bare word may have settings of
-    its own (`"erase_defaults_by_word"`), over its kind's: where a sweep found that one word of a kind needs
-    something the others do not. With `--robust`, `"erase_defaults_robust"` goes over all of them, then
-    `"erase_defaults_robust_by_kind"`'s entry for the kind: adversarial erasing trains against a moving adversary
-    and may need its own budget (on the testbed, more iterations) and, for some kinds, a firmer hold on the rest
-    (a retain weight measured for shapes must not lower the one a style needs).
-    """
-    chosen, kind = _chosen_settings(notes, concepts)
-    if robust:
-        chosen |= notes.get("erase_defaults_robust", {})
-        if kind is not None:
-            chosen |= notes.get("erase_defaults_robust_by_kind", {}).get(kind, {})
-    return chosen, kind
-
-
-def _chosen_settings(notes: dict, concepts: list[str]) -> tuple[dict, str | None]:
-    """`recommended_settings` before --robust's: the generic settings, the kind's, the word's."""
-    generic = dict(notes.get("erase_defaults", {}))
-    kinds = notes.get("concept_kinds", {})
-    found = set()
-    for concept in concepts:
-        words = set(concept.lower().replace(",", " ").split())
-        found |= {kind for kind, members in kinds.items() if words & set(members)}
-    if len(found) != 1:
-        return generic, None
-    kind = found.pop()
-    chosen = {**generic, **notes.get("erase_defaults_by_kind", {}).get(kind, {})}
-    if len(concepts) == 1:
-        chosen |= notes.get("erase_defaults_by_word", {}).get(concepts[0].strip().lower(), {})
-    if any(c.strip().lower() not in kinds[kind] for c in concepts):
-        chosen.pop("contexts", None)  # phrasings are written around the bare word: "a {}" of "a circle" is not one
-    elif chosen.get("contexts"):  # the same phrasings with the kind's other words are held (--siblings)
-        erased = {c.strip().lower() for c in concepts}
-        chosen.setdefault("siblings", [w for w in kinds[kind] if w not in erased])
-    return chosen, kind
+    return recipes.model_notes(source if source.is_dir() else None)
 
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")

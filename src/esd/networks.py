@@ -12,14 +12,32 @@ Timesteps: a UNet takes the integer training timestep t ∈ [0, 1000); a flow-ma
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-if TYPE_CHECKING:
-    from esd.sampling import Cond
+
+@dataclass
+class Cond:
+    """Text conditioning of one prompt: what the UNet takes besides x and t."""
+
+    embeds: Tensor  # (1, 77, D) text encoder hidden states
+    added: dict[str, Tensor] = field(default_factory=dict)  # SDXL: text_embeds (1, 1280), time_ids (1, 6)
+
+    def repeat(self, n: int) -> Cond:
+        return Cond(self.embeds.expand(n, *self.embeds.shape[1:]),
+                    {k: v.expand(n, *v.shape[1:]) for k, v in self.added.items()})
+
+    def to(self, device: torch.device | str) -> Cond:
+        return Cond(self.embeds.to(device), {k: v.to(device) for k, v in self.added.items()})
+
+    @staticmethod
+    def cat(a: Cond, b: Cond) -> Cond:
+        return Cond(torch.cat([a.embeds, b.embeds]), {k: torch.cat([a.added[k], b.added[k]]) for k in a.added})
+
+
 
 # Family of a network class, by class name (importing diffusers' transformer classes is slow and optional).
 TRANSFORMER_FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux",

@@ -1,4 +1,5 @@
-"""The networks of an erase, prepared: θ selected, ε* built beside it, the frozen part cast and placed.
+"""An erase prepared: θ selected, ε* built beside it, the frozen part cast and placed (`prepare_unet`), and
+everything the loop needs once, before the first iteration (`Setup`, `setup`).
 
 `--precision` decides the frozen weights' dtype (`auto_precision` for the default); θ and Adam's state stay fp32
 (docs/design.md, "Mixed precision").
@@ -7,16 +8,33 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
-from esd.config import EraseConfig
+from esd.config import EraseConfig, parse_timesteps
+from esd.distributed import Dist, device_for, init_from_env
+from esd.errors import EsdError
+from esd.examples import held_prompts, prompts_needed
 from esd.frozen import copied_denoiser, original_values, swapped_denoiser
 from esd.lora import add_lora
-from esd.models import resolve_device
-from esd.networks import TRANSFORMER_FAMILIES
-from esd.params import select_parameters
-from esd.sampling import unet_denoiser
+from esd.models import (
+    default_image_size,
+    describe_model,
+    encode_prompt,
+    load_pipeline,
+    model_family,
+    move_text_encoders,
+    resolve_device,
+    samples_without_cfg,
+)
+from esd.networks import TRANSFORMER_FAMILIES, Cond, network
+from esd.recipes import Resolution
+from esd.robust import TextConds, text_encoder_params
+from esd.sampling import Denoiser, ddim_scheduler, unet_denoiser
+from esd.selection import select_parameters
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -63,3 +81,92 @@ def autocast(cfg: EraseConfig, device: torch.device):
     if cfg.precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=PRECISIONS[cfg.precision])
+
+
+@dataclass
+class Setup:
+    """Everything the loop needs, prepared once: models, device, scheduler, text conditioning."""
+
+    cfg: EraseConfig  # as run (precision "auto" made concrete)
+    pipe: object
+    device: torch.device
+    dist: Dist
+    params: dict[str, torch.nn.Parameter]  # θ
+    trained: Denoiser  # ε_θ
+    frozen: Denoiser  # ε*
+    scheduler: object
+    conds: dict[str, Cond]  # text conditioning, once per prompt (the text encoder is frozen)
+    size: int  # image side in pixels
+    guidance: float  # the sampler's CFG scale: --start-guidance, or 1 where the pipeline samples without CFG (FLUX)
+    text: TextConds | None = None  # the encoder as trained (--train-text-encoder) or prefixed (--robust)
+    held: list[str] = field(default_factory=list)  # --text-retain-weight: the prompts whose encodings stay
+    # --robust-adversary inversion: the original model's images of the concept, (concept, phrasing, latent)
+    bank: list[tuple[str, str, torch.Tensor]] = field(default_factory=list)
+    bank_timesteps: tuple[int, int] = (0, 1000)  # --robust-timesteps, parsed once: where the bank is noised
+
+    @property
+    def sampler(self) -> Denoiser:
+        return self.trained if self.cfg.sample_from == "esd" else self.frozen
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        side = self.size // self.pipe.vae_scale_factor
+        return (1, self.pipe.vae.config.latent_channels, side, side)
+
+
+def setup(cfg: EraseConfig, pipe=None, progress: bool = True, resolution: Resolution | None = None) -> Setup:
+    """Say which settings run and from where, load (or take) the pipeline, select θ, place and cast the models."""
+    cfg.validate()
+    device = resolve_device(cfg.devices.split(",")[0] if cfg.devices else cfg.device, "--devices" if cfg.devices
+                            else "--device")
+    d = init_from_env(device.type)
+    device = device_for(d, device)
+    progress = progress and d.main  # one process speaks
+    if progress and resolution is not None:  # before the (slow) load: which recipe, flag or folder chose what
+        for line in resolution.lines():
+            tqdm.write(line)
+    # In bf16/fp16 (and auto, until the family is known) the pipeline is cast on the CPU first: the device never
+    # holds it in fp32.
+    pipe = pipe if pipe is not None else load_pipeline(cfg.model, "cpu" if cfg.precision != "fp32" else device,
+                                                       config=cfg.config)
+    cfg.check_complete()
+    family = model_family(pipe)
+    if cfg.precision == "auto":
+        cfg = dataclasses.replace(cfg, precision=auto_precision(family))
+    half = cfg.precision != "fp32"
+    if cfg.save_compvis and family in TRANSFORMER_FAMILIES.values():
+        raise EsdError(f"--save-compvis: no CompVis layout for {family.upper()}; leave the flag out and, for "
+                       "ComfyUI, write the erased transformer afterwards with `esd convert MODEL out.safetensors "
+                       "--weights OUTPUT/esd.safetensors`")
+    if (cfg.robust or cfg.train_text_encoder) and family not in ("sd1", "sd2"):
+        flag = "--robust" if cfg.robust else "--train-text-encoder"
+        raise EsdError(f"{flag} supports SD1.x/SD2.x pipelines (one CLIP text encoder); this one is {family}")
+    params, trained, frozen = prepare_unet(cfg, network(pipe), device)
+    for part in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):  # frozen helpers: weight dtype, on the device
+        if getattr(pipe, part, None) is not None:
+            trains = part == "text_encoder" and cfg.train_text_encoder  # θ stays fp32
+            getattr(pipe, part).to(device, PRECISIONS[cfg.precision] if half and not trains else None)
+    if cfg.train_text_encoder:
+        params = {**params, **text_encoder_params(pipe.text_encoder)}
+    size = cfg.image_size or default_image_size(pipe)
+    side = size // pipe.vae_scale_factor
+    if family in ("flux", "flux2") and side % 2:
+        raise EsdError(f"--image-size {size}: FLUX takes 2x2 patches of the latent, so the side must be a multiple "
+                       f"of {2 * pipe.vae_scale_factor}")
+    one_prediction = samples_without_cfg(pipe)
+    if progress:  # say which adapter runs: the family decides text encoding, size ids and the output's meaning
+        tqdm.write(f"base model: {describe_model(pipe, size)}")
+    conds = {p: encode_prompt(pipe, p, size, guidance=cfg.start_guidance) for p in prompts_needed(cfg)}
+    if device.type != "cpu" and not (cfg.robust or cfg.train_text_encoder):  # every prompt is encoded: the text
+        move_text_encoders(pipe, "cpu")  # encoders make room for training
+    scheduler = ddim_scheduler(pipe.scheduler, cfg.ddim_steps, image_seq_len=(side // 2) ** 2,
+                               empirical_mu=family == "flux2")
+    guidance = 1.0 if one_prediction else cfg.start_guidance  # x_t as the pipeline samples: FLUX without CFG
+    text = TextConds(pipe, cfg.train_text_encoder) if cfg.robust or cfg.train_text_encoder else None
+    if cfg.robust and not cfg.retain and progress:
+        tqdm.write("--robust without --retain: nothing holds the rest of the model while the adversary pushes the "
+                   "erase wider; pass --retain with prompts to keep (AdvUnlearn holds a set of captions)")
+    return Setup(cfg=cfg, pipe=pipe, device=device, dist=d, params=params, trained=trained, frozen=frozen,
+                 scheduler=scheduler, conds=conds, size=size, guidance=guidance, text=text,
+                 held=held_prompts(cfg) if cfg.text_retain_weight else [],
+                 bank_timesteps=parse_timesteps(cfg.robust_timesteps, "--robust-timesteps"))

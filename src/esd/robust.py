@@ -39,7 +39,8 @@ from torch import Tensor
 
 from esd.attack.embeddings import Vocabulary, encode, slot_ids, token_embedding, training_target
 from esd.attack.unlearndiff import search_prefix
-from esd.sampling import Cond, Denoiser, ddim_states
+from esd.networks import Cond
+from esd.sampling import Denoiser, ddim_states
 from esd.weights import TEXT_ENCODER
 
 

@@ -17,39 +17,18 @@ from __future__ import annotations
 import functools
 import itertools
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 
 import torch
 from diffusers import DDIMScheduler
 from torch import Tensor
 
-
-@dataclass
-class Cond:
-    """Text conditioning of one prompt: what the UNet takes besides x and t."""
-
-    embeds: Tensor  # (1, 77, D) text encoder hidden states
-    added: dict[str, Tensor] = field(default_factory=dict)  # SDXL: text_embeds (1, 1280), time_ids (1, 6)
-
-    def repeat(self, n: int) -> Cond:
-        return Cond(self.embeds.expand(n, *self.embeds.shape[1:]),
-                    {k: v.expand(n, *v.shape[1:]) for k, v in self.added.items()})
-
-    def to(self, device: torch.device | str) -> Cond:
-        return Cond(self.embeds.to(device), {k: v.to(device) for k, v in self.added.items()})
-
-    @staticmethod
-    def cat(a: Cond, b: Cond) -> Cond:
-        return Cond(torch.cat([a.embeds, b.embeds]), {k: torch.cat([a.added[k], b.added[k]]) for k in a.added})
-
+from esd.networks import Cond, forward
 
 Denoiser = Callable[[Tensor, Tensor, Cond], Tensor]
 
 
 def unet_denoiser(net: torch.nn.Module) -> Denoiser:
     """Wrap a pipeline's denoising network (a UNet, or an SD3/FLUX transformer) into the denoiser signature."""
-    from esd.networks import forward
-
     def eps(x: Tensor, t: Tensor, cond: Cond) -> Tensor:
         return forward(net, x, t, cond)
 
@@ -170,10 +149,13 @@ def _flow_states(eps: Denoiser, scheduler, z_T: Tensor, cond: Cond, uncond: Cond
         yield x
 
 
-def step_timestep(k: int, scheduler, generator: torch.Generator) -> float:
+def step_timestep(k: int, scheduler, generator: torch.Generator, rule: str = "band") -> float:
     """The training timestep of an example at DDIM step k: uniform in step k's band (`band_timestep`); for a
     flow-matching model σ·1000 with σ uniform in step k's band of sigmas, [σ of step k, σ of step k + 1) —
-    from x_t's own noise level up to the next noisier level of the grid, as DDIM's bands."""
+    from x_t's own noise level up to the next noisier level of the grid, as DDIM's bands.
+    `rule="grid"` (the 2025 code): the sampler's own timestep of step k, x_t's exact noise level; draws nothing."""
+    if rule == "grid":
+        return float(scheduler.timesteps[len(scheduler.timesteps) - 1 - k])
     if not is_flow(scheduler):
         n, total = len(scheduler.timesteps), scheduler.config.num_train_timesteps
         return band_timestep(k, n, total, generator)

@@ -92,12 +92,15 @@ def run(args: argparse.Namespace) -> int:
         )
         print(f"testbed written to {out}")
         return 0
+    from esd.evaluate.provenance import sha256_file
     from esd.models import apply_esd_weights, load_pipeline, resolve_device
     from esd.testbed.evaluate import evaluate_testbed
 
     pipe = load_pipeline(args.model, resolve_device(args.device))
+    judged = {"model": str(args.model) if args.model else "esd-testbed (shipped)", "weights": None}
     if args.weights is not None:
         apply_esd_weights(pipe, args.weights)
+        judged |= {"weights": str(Path(args.weights).resolve()), "weights_sha256": sha256_file(args.weights)}
     m = evaluate_testbed(
         pipe,
         args.output,
@@ -107,10 +110,23 @@ def run(args: argparse.Namespace) -> int:
         guidance=args.guidance,
         classifier_path=args.classifier,
         prompt_set=args.prompt_set,
+        judged=judged,
     )
-    line = ", ".join(f"{kind} accuracy {m[f'{kind}_accuracy']:.3f}" for kind in ("shape", "colour", "style"))
-    if m["erased"] is not None:
-        line += (f"; erased '{m['erased']}' still shown {m['erased_rate']:.3f}, other {m['erased_kind']}s "
-                 f"mean {m['others_mean_accuracy']:.3f} (min {m['others_min_accuracy']:.3f})")
-    print(f"{line} -> {Path(args.output) / 'metrics.json'}")
+    print(summary_lines(m, args.weights, Path(args.output) / "metrics.json"))
     return 0
+
+
+def summary_lines(m: dict, weights: str | None, path: Path) -> str:
+    """The evaluation in words: the erased concept first (what the user asked about), then everything else."""
+    judged = f"judged {weights}" if weights else "judged the base model (no --weights)"
+    lines = [f"{judged}: {m['n_images']} images ({m['seeds_per_prompt']} seeds × {m['steps']} steps)"]
+    if m["erased"] is not None:
+        lines.append(f"erased '{m['erased']}': still drawn in {m['erased_rate']:.1%} of the images of prompts naming it "
+                     "(lower is better)")
+        lines.append(f"other {m['erased_kind']}s kept: {m['others_mean_accuracy']:.1%} on average "
+                     f"(lowest {m['others_min_accuracy']:.1%})")
+        kept = ", ".join(f"{w} {a:.1%}" for w, a in m["per_concept"].items() if w != m["erased"])
+        lines.append(f"every other concept, on the prompts that do not name '{m['erased']}': {kept}")
+    else:
+        lines.append(", ".join(f"{kind} accuracy {m[f'{kind}_accuracy']:.1%}" for kind in ("shape", "colour", "style")))
+    return "\n".join(lines + [f"-> {path}"])

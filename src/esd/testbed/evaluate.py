@@ -188,10 +188,12 @@ def evaluate_testbed(
     batch_size: int = 128,
     prompt_set: str = "full",
     progress: bool = True,
+    judged: dict | None = None,
 ) -> dict:
     """Generate, classify and write `metrics.json` and `grid.png` to `output_dir`; returns the metrics.
 
-    `progress`: a bar over the images (a full evaluation is minutes of CPU; benchmark logs show where it is)."""
+    `progress`: a bar over the images (a full evaluation is minutes of CPU; benchmark logs show where it is).
+    `judged`: what was evaluated (the model, the weights file and its sha256), recorded first in metrics.json."""
     erased = check_concept(erased)
     if seeds_per_prompt < 1 or steps < 1:
         raise EsdError(f"seeds_per_prompt and steps must be >= 1, got {seeds_per_prompt} and {steps}")
@@ -206,6 +208,7 @@ def evaluate_testbed(
                               progress=progress)
     per_prompt = judge(specs, classifier.classify(images), seeds_per_prompt)
     metrics = {
+        "judged": judged or {},
         "erased": erased,
         "prompt_set": prompt_set,
         "seeds_per_prompt": seeds_per_prompt,
