@@ -171,7 +171,7 @@ def main() -> None:
         after = measure(make_pipe, word, args, out_root / f"seed-{seed}" / "eval", done)
         row = {"seed": seed, "concept": cfg.concept, "method": run.method, "lr": run.lr, "eta": run.eta,
                "iterations": run.iterations, "ddim_steps": run.ddim_steps, "batch_size": run.batch_size,
-               "lr_schedule": run.lr_schedule, "grad_clip": run.grad_clip, "trajectory_reuse": run.trajectory_reuse,
+               "lr_schedule": run.lr_schedule, "trajectory_reuse": run.trajectory_reuse,
                "sample_from": run.sample_from, "robust": run.robust, "train_text_encoder": run.train_text_encoder,
                "erase_s": None if seconds is None else round(seconds, 1), "after": after}
         print(json.dumps(row), flush=True)

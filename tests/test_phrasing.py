@@ -170,37 +170,6 @@ def test_siblings_are_held_in_the_iterations_own_phrasing_half_the_time():
         EraseConfig(concept="circle", siblings=["circle"]).validate()
 
 
-def test_anchor_siblings_hold_the_phrasing_without_the_concept_to_a_sibling(tiny_pipe):
-    """--anchor-siblings: "red" (what an attack that drowns "circle" in "red circle" leaves) is trained towards
-    the frozen "red square"/"red triangle", a third of the draws; the empty anchor is never moved."""
-    from esd.examples import kept_prompt
-
-    cfg = EraseConfig(concept="circle", contexts=["red {}", "{}"], retain=["a blue square"],
-                      siblings=["square", "triangle"], anchor_siblings=True).validate().check_complete()
-    slot = Slot.seeded(0)
-    drawn = [kept_prompt(cfg, ["a blue square"], "red {}", slot) for _ in range(600)]
-    shifted = [d for d in drawn if d[1] is not None]
-    assert {d[1] for d in shifted} == {"red square", "red triangle"} and {d[0] for d in shifted} == {"red"}
-    assert 0.25 < len(shifted) / len(drawn) < 0.42
-    assert all(d[1] is None for d in (kept_prompt(cfg, ["a blue square"], "{}", slot) for _ in range(100)))
-    assert "red" in prompts_needed(cfg)
-    # the held prompt conditions the trained model; its target is the frozen model's for the sibling phrasing
-    conds = {p: encode_prompt(tiny_pipe, p) for p in prompts_needed(cfg)}
-    eps = unet_denoiser(tiny_pipe.unet)
-    scheduler = ddim_scheduler(tiny_pipe.scheduler.config, 3)
-    cfg.ddim_steps, cfg.contexts = 3, ["red {}"]
-    for seed in range(40):
-        ex = draw_example(cfg, conds, eps, eps, scheduler, (1, 4, 8, 8), Slot.seeded(seed))
-        if ex.retain_text == "red":
-            break
-    assert ex.retain_text == "red" and torch.equal(ex.retain[0].embeds, conds["red"].embeds)
-    sib = min(((p, (ex.retain[2] - eps(ex.retain[1], ex.t, conds[p])).abs().max()) for p in
-               ("red square", "red triangle", "red")), key=lambda pe: pe[1])
-    assert sib[0] != "red" and sib[1] < 1e-5
-    with pytest.raises(EsdError, match="--anchor-siblings"):
-        EraseConfig(concept="circle", anchor_siblings=True, siblings=["square"]).validate().check_complete()
-
-
 def test_siblings_alone_draw_a_held_prompt_with_its_own_x_t(tiny_pipe):
     cfg = EraseConfig(concept="circle", siblings=["square"], ddim_steps=3)
     conds = {p: encode_prompt(tiny_pipe, p) for p in prompts_needed(cfg)}

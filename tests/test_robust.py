@@ -24,7 +24,6 @@ from esd.robust import (
     TextConds,
     attack_example,
     concept_images,
-    encoder_drift,
     first_prefix,
     noised,
     placement,
@@ -156,10 +155,6 @@ def test_adversary_kinds_take_turns_and_unknown_kinds_fail_at_parsing(capsys, tm
         main(["erase", "--concept", "circle", "--robust-adversary", "prefix+inverse", "--output", str(tmp_path)])
     assert exit_.value.code == 2 and "'inverse' is not a kind" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
-    with pytest.raises(SystemExit) as exit_:
-        main(["erase", "--concept", "circle", "--robust-timesteps", "900:100", "--output", str(tmp_path)])
-    assert exit_.value.code == 2 and "--robust-timesteps 900:100: need 0 <= LOW < HIGH <= 1000" in capsys.readouterr().err
-    assert not any(tmp_path.iterdir())
 
 
 def test_inversion_adversary_erase_fits_its_word_to_the_bank_and_writes_the_unet_tensors(tiny_pipe, tmp_path):
@@ -167,9 +162,8 @@ def test_inversion_adversary_erase_fits_its_word_to_the_bank_and_writes_the_unet
     from esd.prepare import setup
 
     cfg = _cfg(tmp_path / "inv", robust=True, robust_steps=2, robust_adversary="inversion", robust_images=3,
-               contexts=["{}", "a {}"], retain=["a blue square"], robust_timesteps="200:600")
+               contexts=["{}", "a {}"], retain=["a blue square"])
     s = setup(cfg, copy.deepcopy(tiny_pipe), progress=False)
-    assert s.bank_timesteps == (200, 600)  # --robust-timesteps, parsed once at setup
     bank = image_bank(s)
     assert [(w, c) for w, c, _ in bank] == [("a red circle", "{}"), ("a red circle", "a {}"), ("a red circle", "{}")]
     assert all(x.shape == (1, 4, 8, 8) for _, _, x in bank)
@@ -306,44 +300,3 @@ def test_bad_robust_settings_are_refused_before_any_work(saved, tmp_path):
     with pytest.raises(EsdError, match="--robust supports SD1.x/SD2.x"):
         erase(_cfg(tmp_path / "x", robust=True), pipe=sdxl, progress=False)
     assert main(["erase", "--concept", "circle", "--robust-every", "0", "--output", str(tmp_path / "y")]) == 2
-
-
-def test_encoder_drift_is_the_relative_squared_change_of_the_kept_prompts(tiny_pipe):
-    pipe = copy.deepcopy(tiny_pipe)
-    prompts = ["a blue square", ""]
-    original = {p: encode_prompt(pipe, p) for p in prompts}
-    text = TextConds(pipe, trains=True)
-    assert encoder_drift(text, original, prompts).item() == pytest.approx(0.0, abs=1e-10)
-    with torch.no_grad():  # every hidden state shifts by the same vector: the drift is known in closed form
-        pipe.text_encoder.get_parameter("final_layer_norm.bias").add_(0.5)
-    was = torch.cat([original[p].embeds for p in prompts])
-    expected = (0.25 * was[..., :1].numel() * was.shape[-1]) / was.pow(2).sum().item()
-    drift = encoder_drift(text, original, prompts)
-    assert drift.item() == pytest.approx(expected, rel=1e-4) and drift.requires_grad
-
-
-def test_text_retain_weight_keeps_the_retained_prompts_encodings(tmp_path):
-    """With the term the trained encoder moves the kept prompts' conditioning less than without it."""
-    from esd.tiny import tiny_sd_pipeline
-
-    kept = ["a blue square", "a green triangle"]
-    drift = {}
-    for weight in (0.0, 100.0):
-        pipe = tiny_sd_pipeline(seed=0)
-        original = {p: encode_prompt(pipe, p) for p in kept}
-        erase(_cfg(tmp_path / f"w{weight}", train_text_encoder=True, retain=kept, text_retain_weight=weight,
-                   iterations=6), pipe=pipe, progress=False)
-        drift[weight] = encoder_drift(TextConds(pipe, trains=False), original, kept).item()
-        card = (tmp_path / f"w{weight}" / "README.md").read_text()
-        assert ("--text-retain-weight 100" in card) == bool(weight)
-    assert drift[0.0] > 0 and drift[100.0] < 0.5 * drift[0.0], drift
-
-
-def test_text_retain_weight_bad_input():
-    with pytest.raises(EsdError, match="add --train-text-encoder"):
-        EraseConfig(concept="circle", text_retain_weight=1.0).validate()
-    with pytest.raises(EsdError, match="finite number >= 0"):
-        EraseConfig(concept="circle", train_text_encoder=True, text_retain_weight=-1.0).validate()
-    lone = EraseConfig(concept="circle", train_text_encoder=True, text_retain_weight=1.0).validate()
-    with pytest.raises(EsdError, match="pass --retain"):
-        lone.check_complete()

@@ -54,7 +54,7 @@ def inversion_adversary(s: Setup, slot: Slot, refresh: bool) -> Adversary:
     concept word's place of the image's phrasing (fitted, when due, to denoise it: the textual-inversion loss), and
     Eq. 5's target there from the frozen model."""
     w, context, x_0 = s.bank[int(torch.randint(len(s.bank), (1,), generator=slot.gen))]
-    x_t, t, truth = noised(s.scheduler, x_0, slot.gen, s.bank_timesteps)
+    x_t, t, truth = noised(s.scheduler, x_0, slot.gen, (0, s.scheduler.config.num_train_timesteps))  # any t, as TI
     where = placement("word", phrase(context, w), context)
     if refresh or "inversion" not in slot.adversaries:
         refresh_adversary(s, slot, "inversion", where, x_t, t, truth)

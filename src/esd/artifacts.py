@@ -166,8 +166,6 @@ def model_card(cfg: EraseConfig, pipe, result) -> str:
     net_names, text_names = (list(part) for part in split_text_encoder(dict.fromkeys(result.trained)))
     n_trained = sum(net.get_parameter(n).numel() for n in net_names)
     n_text = sum(pipe.text_encoder.get_parameter(n).numel() for n in text_names)
-    text_held = (f", the kept prompts' encodings held (--text-retain-weight {cfg.text_retain_weight:g})"
-                 if cfg.text_retain_weight else "")
     n_total = sum(p.numel() for p in net.parameters())
     final = sum(result.losses[-20:]) / max(1, len(result.losses[-20:]))
     return f"""---
@@ -186,7 +184,7 @@ Erased with [ESD](https://arxiv.org/abs/2303.07345) (Gandikota et al., ICCV 2023
 | concept(s) | {", ".join(f"`{c}`" for c in cfg.concepts)} |
 | erase from | {f"`{cfg.erase_from}`" if cfg.erase_from else "—"} |
 | method | `{cfg.method}` ({f"a rank-{cfg.lora_rank} LoRA update of its layers, " if cfg.lora_rank else ""}{len(net_names)} tensors, {n_trained:,} trained parameters; the {part} has {n_total:,}) |
-| text encoder | {f"trained: {len(text_names)} tensors, {n_text:,} parameters (its layers; embeddings kept), lr {cfg.text_encoder_lr or cfg.lr}{text_held}" if text_names else "frozen"} |
+| text encoder | {f"trained: {len(text_names)} tensors, {n_text:,} parameters (its layers; embeddings kept), lr {cfg.text_encoder_lr or cfg.lr}" if text_names else "frozen"} |
 | adversarial erasing | {f"`--robust` ({cfg.robust_adversary}): {adversary_embeddings(cfg)}, {cfg.robust_steps} attack steps (lr {cfg.robust_lr}) every {cfg.robust_every} iteration(s){f', {cfg.robust_images} images of the concept' if 'inversion' in cfg.robust_adversary else ''}" if cfg.robust else "off"} |
 | η (negative guidance) | {cfg.eta} — {ETA_CONVENTION} |
 | start guidance s | {cfg.start_guidance} |

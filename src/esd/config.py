@@ -74,15 +74,6 @@ def parse_timesteps(text: str, flag: str = "--timesteps", total: int = 1000) -> 
     return low, high
 
 
-def _timesteps_arg(text: str) -> str:
-    """argparse type of --robust-timesteps: a malformed range fails when the arguments are parsed."""
-    try:
-        parse_timesteps(text, "--robust-timesteps")
-    except EsdError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return text
-
-
 def _adversary_arg(text: str) -> str:
     """argparse type of --robust-adversary: an unknown kind fails when the arguments are parsed."""
     try:
@@ -99,10 +90,10 @@ HELP_GROUPS = {
     "the paper's method (Algorithm 1, Eq. 5)": ("method", "iterations", "lr", "eta", "start_guidance", "ddim_steps",
                                                 "seed"),
     "training": ("batch_size", "lr_schedule", "sample_from", "timestep", "lora_rank", "train_text_encoder",
-                 "text_encoder_lr", "gradient_checkpointing", "guidance_batch", "trajectory_reuse", "grad_clip"),
+                 "text_encoder_lr", "gradient_checkpointing", "guidance_batch", "trajectory_reuse"),
     "opt-in extensions (phrasings and what to keep)": ("contexts", "retain", "retain_weight", "siblings",
-                                                       "anchor_siblings", "start_from_sibling", "text_retain_weight"),
-    "robust erasing (--robust)": ("robust", "robust_adversary", "robust_images", "robust_timesteps", "robust_tokens",
+                                                       "start_from_sibling"),
+    "robust erasing (--robust)": ("robust", "robust_adversary", "robust_images", "robust_tokens",
                                   "robust_steps", "robust_every", "robust_lr"),
     "outputs and checkpoints": ("output", "grid_prompts", "grid_steps", "save_every", "save_every_seconds",
                                 "checkpoints_total_limit", "resume", "overwrite", "save_compvis", "compvis_format"),
@@ -163,11 +154,6 @@ class EraseConfig:
         "erasing one); half the iterations hold the iteration's phrasing (--contexts; else the bare word) with one of "
         "them instead of a --retain prompt ('red {}' erases 'red circle' and holds 'red square')", default=None,
         meta={"nargs": "+"})
-    anchor_siblings: bool = _opt(
-        "opt-in, with --siblings and --contexts: also hold each phrasing without the concept ('a red' for "
-        "'a red {}') to the frozen model's prediction for the same phrasing with a sibling ('a red square'), so a "
-        "prompt whose concept word is drowned falls back to a sibling rather than to the model's default drawing",
-        default=False)
     start_from_sibling: bool = _opt(
         "opt-in, with --siblings: Eq. 5's guidance starts from the phrasing with a sibling in the concept's place "
         "('a red square' for 'a red circle'; one fixed sibling per phrasing) instead of the phrasing without it "
@@ -192,9 +178,6 @@ class EraseConfig:
         meta={"metavar": "KIND[+KIND]", "type": _adversary_arg})
     robust_images: int = _opt("--robust-adversary inversion: images of the concept the original model makes at "
                               "setup, the inner attack's targets, in turn over --contexts", default=16)
-    robust_timesteps: str = _opt("--robust-adversary inversion: LOW:HIGH, the training timesteps the bank's images "
-                                 "are noised at (the whole schedule, as textual inversion draws them)",
-                                 default="0:1000", meta={"metavar": "LOW:HIGH", "type": _timesteps_arg})
     robust_tokens: int = _opt("--robust: prefix embeddings the inner attack optimises", default=5)
     robust_steps: int = _opt("--robust: inner attack steps per refresh (warm-started from the last prefix)",
                              default=5)
@@ -206,10 +189,6 @@ class EraseConfig:
         "evaluate, attack, convert and the app apply it (SD1.x/SD2.x)", default=False)
     text_encoder_lr: float | None = _opt("--train-text-encoder: the text encoder's Adam learning rate (default: --lr)",
                                          default=None)
-    text_retain_weight: float = _opt(
-        "--train-text-encoder: weight of a term that holds the trained encoder's outputs for every --retain and "
-        "--siblings prompt to the original encoder's, all of them each iteration (relative squared change of the "
-        "hidden states; 0: off)", default=0.0)
     sample_from: Literal["esd", "frozen"] = _opt("which model samples x_t: esd (the one being trained, the "
                                                  "paper) or frozen (the 2025 code)", default="esd",
                                                  meta={"choices": ["esd", "frozen"]})
@@ -217,8 +196,6 @@ class EraseConfig:
     lr_schedule: Literal["constant", "cosine"] = _opt(
         "learning rate over the run: constant (the paper) or cosine decay to 0, so a run at a large --lr settles "
         "instead of ending mid-oscillation", default="constant", meta={"choices": ["constant", "cosine"]})
-    grad_clip: float = _opt("clip the gradient norm of the trained parameters to this value (0: off, the paper)",
-                            default=0.0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = _opt(
         "weights of the frozen part of the network: fp32, or bf16/fp16 (trained parameters and Adam state stay "
         "fp32, forwards run under autocast); auto: bf16 for SD3/FLUX (run in bf16 by their makers; fp32 would "
@@ -290,8 +267,6 @@ class EraseConfig:
             raise EsdError("--resume and --overwrite both set: go on from a checkpoint, or start again")
         if self.resume is not None and not self.resume.strip():
             raise EsdError("--resume is empty: give 'latest' or a checkpoint folder")
-        if not math.isfinite(self.grad_clip) or self.grad_clip < 0:
-            raise EsdError(f"--grad-clip must be a finite number >= 0 (0: off), got {self.grad_clip}")
         for name, choices in (("sample_from", ("esd", "frozen")), ("timestep", ("band", "grid")), ("precision", ("auto", "fp32", "bf16", "fp16")),
                               ("lr_schedule", ("constant", "cosine")),
                               ("compvis_format", ("safetensors", "ckpt"))):
@@ -299,7 +274,6 @@ class EraseConfig:
                 raise EsdError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "
                                f"got {getattr(self, name)!r}")
         adversary_modes(self.robust_adversary)  # raises on an unknown kind
-        parse_timesteps(self.robust_timesteps, "--robust-timesteps")
         for name in ("robust_tokens", "robust_steps", "robust_every", "robust_images"):
             if getattr(self, name) < 1:
                 raise EsdError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -307,11 +281,6 @@ class EraseConfig:
             raise EsdError(f"--robust-lr must be a finite number > 0, got {self.robust_lr}")
         if self.text_encoder_lr is not None and not (math.isfinite(self.text_encoder_lr) and self.text_encoder_lr > 0):
             raise EsdError(f"--text-encoder-lr must be a finite number > 0, got {self.text_encoder_lr}")
-        if not math.isfinite(self.text_retain_weight) or self.text_retain_weight < 0:
-            raise EsdError(f"--text-retain-weight must be a finite number >= 0 (0: off), got {self.text_retain_weight}")
-        if self.text_retain_weight and not self.train_text_encoder:
-            raise EsdError("--text-retain-weight holds a trained text encoder: add --train-text-encoder, or leave "
-                           "the weight out")
         if self.train_text_encoder and self.lora_rank is not None:
             raise EsdError("--train-text-encoder trains full text-encoder weights; leave out --lora-rank "
                            "(LoRA covers the denoising network only)")
@@ -339,16 +308,9 @@ class EraseConfig:
 
     def check_complete(self) -> EraseConfig:
         """What only holds once the recipe's settings are in (it may supply --contexts, --siblings)."""
-        if self.anchor_siblings and not (self.contexts and self.siblings):
-            raise EsdError("--anchor-siblings holds each --contexts phrasing without the concept to the same phrasing "
-                           "with a --siblings word, and neither the flags nor the recipe give both: pass "
-                           "them (e.g. --contexts 'a red {}' --siblings square)")
         if self.start_from_sibling and not retain_pool(self.siblings or [], self.concepts):
             raise EsdError("--start-from-sibling starts the guidance from the phrasing with a --siblings word, and "
                            "neither the flags nor the recipe give one: pass --siblings (e.g. square)")
-        if self.text_retain_weight and not (self.retain or self.siblings):
-            raise EsdError("--text-retain-weight holds the encoder's outputs for the --retain and --siblings "
-                           "prompts, and neither the flags nor the recipe give any: pass --retain")
         return self
 
     def to_json(self) -> str:

@@ -36,7 +36,6 @@ from esd.models import default_image_size, model_family, prediction_type, save_e
 from esd.networks import is_transformer, network
 from esd.prepare import Setup, autocast, setup
 from esd.recipes import Resolution, resolved_as_given
-from esd.robust import encoder_drift
 from esd.weights import TEXT_ENCODER
 
 
@@ -185,8 +184,6 @@ def train_step(s: Setup, state: resume.TrainState, i: int, out: Path) -> tuple[f
             for n, (slot, example) in enumerate(zip(state.slots, batch, strict=True)):
                 example.adversary = adversary(s, slot, example, n + i, i % cfg.robust_every == 0)
         loss = batch_loss(cfg, s.trained, batch, s.text)
-        if cfg.text_retain_weight:  # every kept prompt's encoding, each step: the encoder moves them all at once
-            loss = loss + cfg.text_retain_weight * encoder_drift(s.text, s.conds, s.held)
     shown = global_mean(loss.detach(), d.world)  # every process sees the same number, and stops together
     if not torch.isfinite(shown):
         last = resume.latest(out)
@@ -196,9 +193,6 @@ def train_step(s: Setup, state: resume.TrainState, i: int, out: Path) -> tuple[f
     state.optimizer.zero_grad(set_to_none=True)
     state.scaler.scale(loss).backward()
     average_gradients(params.values(), d.world)
-    if cfg.grad_clip:  # opt-in: bounds the step a single noisy example can take
-        state.scaler.unscale_(state.optimizer)
-        torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
     state.scaler.step(state.optimizer)
     state.scaler.update()
     state.lr_schedule.step()

@@ -163,14 +163,8 @@ def kept_prompt(cfg: EraseConfig, pool: list[str], context: str, slot: Slot) -> 
 
     The siblings are what an edit of the concept's phrasings is likeliest to move: they share every other word,
     and in a text encoder where concept words are nearly collinear, most of the concept word too.
-    With --anchor-siblings, a third of the draws instead hold the phrasing's anchor ("red") to the sibling
-    phrasing ("red square"): where the model's default for a prompt without a shape is the erased shape, an attack
-    that drowns the concept's word would otherwise get the concept back from the default.
     """
     siblings = retain_pool(cfg.siblings or [], cfg.concepts)
-    start = anchor(context)
-    if cfg.anchor_siblings and siblings and start and slot.rng.random() < 1 / 3:
-        return start, phrase(context, slot.rng.choice(siblings))
     if siblings and (not pool or slot.rng.random() < 0.5):
         return phrase(context, slot.rng.choice(siblings)), None
     return slot.rng.choice(pool), None
@@ -203,7 +197,7 @@ def batch_loss(cfg: EraseConfig, trained: Denoiser, batch: list[Example], text: 
 
 def held_prompts(cfg: EraseConfig) -> list[str]:
     """The prompts `kept_prompt` holds to their own frozen prediction: the --retain prompts that do not name an
-    erased concept, and each phrasing with each --siblings word (the anchors --anchor-siblings moves are not)."""
+    erased concept, and each phrasing with each --siblings word."""
     held = set(retain_pool(cfg.retain or [], cfg.concepts))
     for context in cfg.contexts or ["{}"]:
         held |= {phrase(context, s) for s in retain_pool(cfg.siblings or [], cfg.concepts)}
@@ -216,6 +210,4 @@ def prompts_needed(cfg: EraseConfig) -> set[str]:
     prompts = {"", *cfg.concepts, *([cfg.erase_from] if cfg.erase_from else [])}
     for context in cfg.contexts or []:
         prompts |= {anchor(context), *(phrase(context, c) for c in cfg.concepts)}
-    if cfg.anchor_siblings:
-        prompts |= {anchor(context) for context in cfg.contexts or ["{}"]}
     return prompts | set(held_prompts(cfg))

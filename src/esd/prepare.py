@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from esd.config import EraseConfig, parse_timesteps
+from esd.config import EraseConfig
 from esd.distributed import Dist, device_for, init_from_env
 from esd.errors import EsdError
-from esd.examples import held_prompts, prompts_needed
+from esd.examples import prompts_needed
 from esd.frozen import copied_denoiser, original_values, swapped_denoiser
 from esd.lora import add_lora
 from esd.models import (
@@ -99,10 +99,8 @@ class Setup:
     size: int  # image side in pixels
     guidance: float  # the sampler's CFG scale: --start-guidance, or 1 where the pipeline samples without CFG (FLUX)
     text: TextConds | None = None  # the encoder as trained (--train-text-encoder) or prefixed (--robust)
-    held: list[str] = field(default_factory=list)  # --text-retain-weight: the prompts whose encodings stay
     # --robust-adversary inversion: the original model's images of the concept, (concept, phrasing, latent)
     bank: list[tuple[str, str, torch.Tensor]] = field(default_factory=list)
-    bank_timesteps: tuple[int, int] = (0, 1000)  # --robust-timesteps, parsed once: where the bank is noised
 
     @property
     def sampler(self) -> Denoiser:
@@ -167,6 +165,4 @@ def setup(cfg: EraseConfig, pipe=None, progress: bool = True, resolution: Resolu
         tqdm.write("--robust without --retain: nothing holds the rest of the model while the adversary pushes the "
                    "erase wider; pass --retain with prompts to keep (AdvUnlearn holds a set of captions)")
     return Setup(cfg=cfg, pipe=pipe, device=device, dist=d, params=params, trained=trained, frozen=frozen,
-                 scheduler=scheduler, conds=conds, size=size, guidance=guidance, text=text,
-                 held=held_prompts(cfg) if cfg.text_retain_weight else [],
-                 bank_timesteps=parse_timesteps(cfg.robust_timesteps, "--robust-timesteps"))
+                 scheduler=scheduler, conds=conds, size=size, guidance=guidance, text=text)

@@ -127,16 +127,6 @@ def noised(scheduler, x_0: Tensor, generator: torch.Generator,
     return scheduler.add_noise(x_0, noise, t), t.float(), training_target(scheduler, x_0, noise, t)
 
 
-def encoder_drift(text: TextConds, original: Mapping[str, Cond], prompts: list[str]) -> Tensor:
-    """--text-retain-weight: how far the trained encoder moved the prompts to keep, all at once, relative to
-    their size: Σ_p ‖e_θ(p) − e*(p)‖² / Σ_p ‖e*(p)‖², over every token position (the UNet attends to all 77,
-    padding included). `original` holds e*, the frozen encoder's conditioning encoded before training."""
-    ids = torch.cat([slot_ids(text.tokenizer, "", 0, p)[0] for p in prompts])
-    now = encode(text.encoder, ids).float()
-    was = torch.cat([original[p].embeds for p in prompts]).to(now.device).float()
-    return (now - was).pow(2).sum() / was.pow(2).sum().clamp_min(1e-12)
-
-
 def first_prefix(tokenizer, text_encoder, n_tokens: int, generator: torch.Generator) -> Tensor:
     """The starting prefix: the embeddings of `n_tokens` random vocabulary tokens (as UnlearnDiffAtk starts)."""
     vocabulary = Vocabulary.of(tokenizer, text_encoder)
