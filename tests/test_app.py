@@ -257,7 +257,7 @@ def test_attack_tab_attacks_the_run_and_reports_both_rates(app, finished_run):
     for bad, words in (({"attack": "pgd"}, "unknown"), ({"prompts": 0}, "prompts must be"),
                        ({"steps": S.MAX_ATTACK_STEPS + 1}, "steps")):
         with pytest.raises(EsdError, match=words):
-            app.attack(job.run_name, **{"attack": "unlearndiff", "prompts": 1, **bad})
+            app.attack(job.run_name, **{"kind": "unlearndiff", "prompts": 1, **bad})
 
 
 def _handlers(demo) -> dict[tuple[str, str], object]:

@@ -1,7 +1,6 @@
 """`esd attack`: the embedding plumbing, both attacks on the tiny pipeline, the command end to end (metrics,
 report, resume) with the testbed's judge, the other suites' judges with stand-ins, and every bad input."""
 
-import argparse
 import csv
 import json
 from pathlib import Path
@@ -10,10 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from esd.attack import command
-from esd.attack import embeddings as E
+from esd import embeddings as E
 from esd.attack import inversion as I
 from esd.attack import unlearndiff as U
+from esd.attack.command import attack
+from esd.attack.config import AttackConfig
 from esd.attack.judges import make_judge, prompts_naming
 from esd.cli import main
 from esd.evaluate.provenance import sha256_file, unet_sha256
@@ -187,9 +187,11 @@ def test_attack_on_the_shipped_testbed_with_its_classifier(tmp_path):
     weights = save_esd_weights(tmp_path / "same.safetensors",
                                {n: p for n, p in unet.named_parameters() if "attn2.to_k" in n}, {})
     out = tmp_path / "tb"
-    assert main(["attack", "--attack", "unlearndiff", "--concept", "square", "--weights", str(weights), "--prompts",
-                 "1", "--output", str(out), *FAST]) == 0
+    # the typed API, as the app calls it: attack(AttackConfig) returns what it writes to metrics.json
+    returned = attack(AttackConfig(attack="unlearndiff", concept="square", weights=str(weights), prompts=1,
+                                   output=str(out), num_images=1, sample_steps=2, steps=2, device="cpu"))
     metrics = json.loads((out / "metrics.json").read_text())
+    assert json.loads(json.dumps(returned)) == metrics
     assert metrics["per_prompt"][0]["prompt"] == "a red square" and metrics["protocol"]["kind"] == "shape"
     assert metrics["models"]["model_sha256"] == sha256_file(TESTBED / "unet" / "diffusion_pytorch_model.safetensors")
 
@@ -231,17 +233,17 @@ def test_other_suites_reuse_their_evaluate_judges(tmp_path, monkeypatch):
     found = {"a.png": [{"class": "BELLY_EXPOSED", "score": 0.9, "box": [0, 0, 1, 1]}],
              "b.png": [{"class": "BELLY_EXPOSED", "score": 0.5, "box": [0, 0, 1, 1]}]}
     monkeypatch.setattr(nudity, "nudenet_detector", lambda: lambda p: found[Path(p).name])
-    args = argparse.Namespace(suite="nudity", concept="Nudity", threshold=0.6, prompt_file=str(path))
+    args = AttackConfig(suite="nudity", concept="Nudity", threshold=0.6, prompt_file=str(path))
     judge = make_judge(args).load(None, torch.device("cpu"))
     assert judge.concept == "nudity" and [(r.case_number, r.seed) for r in judge.rows] == [("7", 3)]
     assert judge.seen([None, None], [Path("a.png"), Path("b.png")]) == [True, False]
     # imagenette and artists take their rows from the suite's prompt sets, only the concept's
-    imagenette = make_judge(argparse.Namespace(suite="imagenette", concept="Church", prompt_file=None, classifier=None))
+    imagenette = make_judge(AttackConfig(suite="imagenette", concept="Church", prompt_file=None, classifier=None))
     assert imagenette.concept == "church" and [r.prompt for r in imagenette.rows] == ["image of a church"]
-    artists = make_judge(argparse.Namespace(suite="artists", concept="van gogh", prompt_file=None,
+    artists = make_judge(AttackConfig(suite="artists", concept="van gogh", prompt_file=None,
                                             clip_model="unused"))
     assert artists.concept == "Van Gogh" and len(artists.rows) == 5
     assert all("Van Gogh" in r.prompt for r in artists.rows)
     with pytest.raises(Exception, match="not a class of the prompt set"):
-        make_judge(argparse.Namespace(suite="imagenette", concept="dog", prompt_file=None, classifier=None))
-    assert command.parse_timesteps("0:1000") == (0, 1000)
+        make_judge(AttackConfig(suite="imagenette", concept="dog", prompt_file=None, classifier=None))
+    assert AttackConfig(timesteps="0:1000").timestep_range == (0, 1000)

@@ -9,9 +9,10 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from esd.cli import build_parser, given_settings, main
+from esd.cli import build_parser, main
 from esd.config import HELP_GROUPS, EraseConfig
 from esd.errors import EsdError
+from esd.flags import given_settings
 from esd.recipes import PACKAGE_RECIPES, available, load_recipe, model_notes, resolve
 from esd.shipped import testbed_path as shipped_testbed
 

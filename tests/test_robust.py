@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from esd import compvis
-from esd.attack.embeddings import encode, slot_ids, token_embedding
 from esd.cli import main
 from esd.config import EraseConfig, adversary_modes
+from esd.embeddings import encode, slot_ids, token_embedding
 from esd.erase import erase
 from esd.errors import EsdError
 from esd.examples import Example, batch_loss

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from esd.attack.embeddings import slot_ids
 from esd.config import adversary_modes
+from esd.embeddings import slot_ids
 from esd.examples import Example, Slot, guidance_start
 from esd.loss import esd_target
 from esd.phrasing import phrase

@@ -272,7 +272,7 @@ def evaluate_tab(gr, app: EsdApp, run) -> None:
 
 def attack_tab(gr, app: EsdApp, run) -> None:
     """`esd attack` on the current erased model: does the concept come back under an adversarial prompt?"""
-    from esd.attack.command import ATTACKS
+    from esd.attack.config import ATTACKS
 
     with gr.Tab("Attack", id="attack"):
         if not _testbed_only(gr, app, "The attack tab judges with the testbed classifier. For real models use "

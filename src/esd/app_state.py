@@ -347,34 +347,33 @@ class EsdApp:
         return evaluation_rows(original, after), [(str(out / "original" / "grid.png"), "original"),
                                                   (str(out / "erased" / "grid.png"), "erased")]
 
-    def attack(self, run_name: str, attack: str, prompts: int = 2, steps: int | None = None,
+    def attack(self, run_name: str, kind: str, prompts: int = 2, steps: int | None = None,
                num_images: int = 2) -> tuple[list[list], list]:
         """`esd attack` on the run's erased model (the testbed judge): [[what, value]] rows and the images
         (the original model's targets, the erased model's images of the plain and of the attacked prompts)."""
-        from esd.attack.command import ATTACKS, DEFAULT_BUDGET, run_attack
-        from esd.cli import build_parser
+        from esd.attack.command import attack as run_attack
+        from esd.attack.config import ATTACKS, DEFAULT_BUDGET, AttackConfig
         from esd.testbed.evaluate import check_concept
 
         if not self.is_testbed:
             raise EsdError("the attack tab judges with the testbed classifier: it needs the testbed model (esd app "
                            "without --model); for real models use `esd attack --suite nudity|imagenette|artists`")
-        if attack not in ATTACKS:
-            raise EsdError(f"attack {attack!r} is unknown; choose one of {', '.join(ATTACKS)}")
+        if kind not in ATTACKS:
+            raise EsdError(f"attack {kind!r} is unknown; choose one of {', '.join(ATTACKS)}")
         prompts, num_images = int(prompts), int(num_images)
-        steps = DEFAULT_BUDGET[attack]["steps"] if steps in (None, "") else int(steps)
+        steps = DEFAULT_BUDGET[kind]["steps"] if steps in (None, "") else int(steps)
         if not (1 <= prompts <= MAX_ATTACK_PROMPTS and 1 <= steps <= MAX_ATTACK_STEPS
                 and 1 <= num_images <= MAX_IMAGES_PER_PROMPT):
             raise EsdError(f"prompts must be 1..{MAX_ATTACK_PROMPTS}, steps 1..{MAX_ATTACK_STEPS} and images per "
                            f"prompt 1..{MAX_IMAGES_PER_PROMPT}")
         run = self.run_dir(run_name)
         concept = check_concept(run_metadata(run)[0].concept)  # a word the judge sees, or a clear error
-        out = run / f"app-attack-{attack}"
-        args = build_parser().parse_args(
-            ["attack", "--attack", attack, "--concept", concept, "--weights", str(run / "esd.safetensors"),
-             "--model", str(self.source), "--output", str(out), "--prompts", str(prompts), "--steps", str(steps),
-             "--num-images", str(num_images), "--device", str(self.device), "--overwrite"])
+        out = run / f"app-attack-{kind}"
+        cfg = AttackConfig(attack=kind, concept=concept, weights=str(run / "esd.safetensors"), model=str(self.source),
+                           output=str(out), prompts=prompts, steps=steps, num_images=num_images,
+                           device=str(self.device), overwrite=True)
         with self.model_busy():  # its own copy of the small testbed: the attack adds tokens and applies the run
-            run_attack(args)
+            run_attack(cfg)
         return attack_rows(json.loads((out / "metrics.json").read_text())), [
             (str(out / "side_by_side.png"), "per prompt: original model's targets | erased: plain prompt | "
                                             "erased: attacked prompt")]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import typing
 from pathlib import Path
 
 from esd import app as app_command
@@ -20,6 +19,7 @@ from esd.config import HELP_GROUPS, EraseConfig
 from esd.errors import EsdError, NonFiniteLossError
 from esd.evaluate import command as evaluate_command
 from esd.evaluate.generate import DEFAULT_GUIDANCE, DEFAULT_STEPS
+from esd.flags import add_config_arguments, given_settings
 from esd.helpformat import GroupedHelpFormatter
 from esd.recipes import command as recipes_command
 from esd.testbed import cli as testbed_command
@@ -33,58 +33,6 @@ FEATURE_COMMANDS = (recipes_command.register, testbed_command.register, evaluate
 def _field_help(name: str) -> str:
     """An EraseConfig field's help, for another command's flag of the same meaning."""
     return next(f.metadata["help"] for f in dataclasses.fields(EraseConfig) if f.name == name)
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _arg_type(kind) -> type:
-    """The argparse type of an annotation: str for Literal, X for list[X] and for X | None."""
-    origin = typing.get_origin(kind)
-    if origin is typing.Literal:
-        return str
-    if origin is list:
-        return _arg_type(typing.get_args(kind)[0])
-    if origin is not None:  # X | None
-        return _arg_type(next(a for a in typing.get_args(kind) if a is not type(None)))
-    return kind
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, cls=EraseConfig, given_only: bool = False,
-                         groups: dict[str, tuple[str, ...]] | None = None) -> None:
-    """One flag per dataclass field: type from the annotation, help/choices/nargs from the metadata.
-
-    With `given_only`, a flag not given is left out of the namespace (`given_settings` then holds exactly what the
-    user typed) and the help states the field's default itself. `groups`: title -> field names, for --help.
-    """
-    hints = typing.get_type_hints(cls)
-    where = {name: parser.add_argument_group(title) for title, names in (groups or {}).items() for name in names}
-    for f in dataclasses.fields(cls):
-        meta = dict(f.metadata)
-        help_text = meta.pop("help", "")
-        target = where.get(f.name, parser)
-        default = argparse.SUPPRESS if given_only else f.default
-        if given_only:
-            meta.pop("required", None)  # checked once the recipe is in: a recipe file may name the concept
-            if f.default not in (None, "", False) and "(default" not in help_text:
-                help_text += f" (default: {f.default})"
-        if hints[f.name] is bool:  # --flag / --no-flag
-            target.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=default, help=help_text)
-            continue
-        kind = meta.pop("type", None) or _arg_type(hints[f.name])  # a field may bring its own parser
-        target.add_argument(_flag(f.name), dest=f.name, type=kind, default=default, help=help_text, **meta)
-
-
-def given_settings(args: argparse.Namespace, cls=EraseConfig) -> dict:
-    """The config fields the user set (a parser made with `given_only`): the top layer of `esd.recipes.resolve`."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in vars(args).items() if k in names}
-
-
-def config_from_args(args: argparse.Namespace, cls=EraseConfig):
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
 ERASE_DESCRIPTION = """Erase a concept from a model's weights with ESD (Gandikota et al., ICCV 2023).

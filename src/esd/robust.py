@@ -8,7 +8,7 @@ Diffusion Models") wraps the erase in a min-max problem,
 where ℓ_ESD is the Eq. 5 loss and δ are k prefix embeddings. The inner problem is an attack on the model being
 trained: a prefix under which the erased model predicts, at the example's own x_t, what the original model
 predicts for the concept, i.e. under which the concept is back. It is solved approximately by a few steps of the
-UnlearnDiffAtk search (`esd.attack.unlearndiff.search_prefix`, the code `esd attack` runs), warm-started from the
+UnlearnDiffAtk search (`esd.embeddings.search_prefix`, the code `esd attack` runs), warm-started from the
 previous prefix of the same example stream, so the adversary keeps up with θ instead of starting over. With
 `--robust-adversary word` the embedding takes the concept word's place in its phrasing instead ("a red δ", the
 textual-inversion attack's form), a search over every way of naming the concept without its word. The
@@ -37,8 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from esd.attack.embeddings import Vocabulary, encode, slot_ids, token_embedding, training_target
-from esd.attack.unlearndiff import search_prefix
+from esd.embeddings import Vocabulary, encode, search_prefix, slot_ids, token_embedding, training_target
 from esd.networks import Cond
 from esd.sampling import Denoiser, ddim_states
 from esd.weights import TEXT_ENCODER

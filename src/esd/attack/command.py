@@ -32,111 +32,52 @@ from tqdm.auto import tqdm
 
 from esd.attack import inversion as I
 from esd.attack import unlearndiff as U
-from esd.attack.embeddings import Vocabulary, concept_token_ids, encode_images
-from esd.attack.judges import JUDGED_SUITES, Judge, make_judge
+from esd.attack.config import AttackConfig
+from esd.attack.judges import Judge, make_judge
 from esd.attack.report import EMBEDS_FILE, image_paths, rate, summarise, write_outputs
-from esd.config import DEFAULT_TIMESTEPS, parse_timesteps
+from esd.embeddings import Vocabulary, concept_token_ids, encode_images
 from esd.errors import EsdError
-from esd.evaluate.generate import DEFAULT_GUIDANCE, DEFAULT_STEPS, PromptRow, generate
+from esd.evaluate.generate import PromptRow, generate
 from esd.evaluate.provenance import sha256_file, unet_sha256
 from esd.evaluate.report import save_image
+from esd.flags import add_config_arguments, config_from_args
 from esd.helpformat import DefaultsOnceFormatter
 from esd.models import TESTBED, is_sdxl, load_pipeline, resolve_device
 from esd.weights import apply_esd_weights, atomic_path, load_esd_weights
 
-ATTACKS = ("unlearndiff", "textual-inversion")
-DEFAULT_BUDGET = {"unlearndiff": {"steps": 40, "lr": 0.01}, "textual-inversion": {"steps": 200, "lr": 5e-3}}
-
 
 def register(subparsers) -> None:
-    """Add `esd attack` to the `esd` command."""
+    """Add `esd attack` to the `esd` command: its flags are AttackConfig's fields."""
     p = subparsers.add_parser(
         "attack", help="attack an erased model: search for prompts that bring the erased concept back",
         description=__doc__.split("\n")[0], formatter_class=DefaultsOnceFormatter)
-    p.add_argument("--attack", required=True, choices=ATTACKS,
-                   help="unlearndiff: k prefix tokens per prompt (UnlearnDiffAtk, Zhang et al. 2024); "
-                        "textual-inversion: one new token for the concept (Pham et al. 2024)")
-    p.add_argument("--concept", required=True, help="the erased concept, as the suite's judge names it "
-                                                    "(testbed: a shape, colour or style word)")
-    p.add_argument("--weights", default=None, help="the erased model's ESD weights file (required)")
-    p.add_argument("--model", default=None, help="base model: HF id, diffusers folder or CompVis file "
-                                                 "(default: the shipped testbed)")
-    p.add_argument("--suite", default="testbed", choices=JUDGED_SUITES, help="whose judge decides success")
-    p.add_argument("--prompts", type=int, default=12, help="attack the first N prompts naming the concept")
-    p.add_argument("--prompt-file", default=None,
-                   help="prompt CSV (case_number, prompt, evaluation_seed, and `class` for imagenette, `artist` "
-                        "for artists); default: the suite's own")
-    p.add_argument("--num-images", type=int, default=4,
-                   help="images per prompt (targets and judged images), image k with seed evaluation_seed + k")
-    p.add_argument("--tokens", type=int, default=5, help="unlearndiff: prefix tokens optimised per prompt")
-    p.add_argument("--steps", type=int, default=None,
-                   help="optimisation steps (default: unlearndiff 40 per prompt, textual-inversion 200)")
-    p.add_argument("--lr", type=float, default=None,
-                   help="learning rate (default: unlearndiff 0.01, AdamW; textual-inversion 0.005, Adam)")
-    p.add_argument("--timesteps", default=DEFAULT_TIMESTEPS,
-                   help="LOW:HIGH, the training timesteps the attack's denoising loss is drawn from; the default "
-                        "is the noisiest 30%%, where an image's layout and concept are decided (0:1000: uniform)")
-    p.add_argument("--projection", default="every-step", choices=U.PROJECTIONS,
-                   help="unlearndiff: forward on the nearest tokens every step (straight-through) or project once "
-                        "at the end")
-    p.add_argument("--exclude-concept", action="store_true",
-                   help="unlearndiff: never project onto tokens that spell the concept (default: off)")
-    p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
-                   help="also judge each prompt with the concept's word taken out, the rate an attack that only "
-                        "drowns the word out would reach (default: on)")
-    p.add_argument("--init-word", default="a", help="textual-inversion: the word the new embedding starts from")
-    p.add_argument("--batch-size", type=int, default=4, help="textual-inversion: images per step")
-    p.add_argument("--seed", type=int, default=0, help="seed of the attack's initial tokens, timesteps and noise")
-    p.add_argument("--sample-steps", type=int, default=DEFAULT_STEPS, help="DDIM steps of every generated image")
-    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
-                   help="CFG scale (a CSV's evaluation_guidance wins)")
-    p.add_argument("--output", default=None, help="results folder (default: outputs/attack-ATTACK-CONCEPT)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--overwrite", action="store_true",
-                   help="delete an earlier attack's results in --output first (default: off)")
-    p.add_argument("--classifier", default=None, help="testbed: the classifier folder; imagenette: a local "
-                                                      "ResNet-50 state dict")
-    p.add_argument("--threshold", type=float, default=0.6, help="nudity: NudeNet score threshold")
-    p.add_argument("--clip-model", default="openai/clip-vit-large-patch14",
-                   help="artists: CLIP model, a HF id or a local transformers folder")
-    p.set_defaults(run=run_attack)
+    add_config_arguments(p, AttackConfig)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`esd attack`: the flags as an AttackConfig, then `attack`."""
+    attack(config_from_args(args, AttackConfig))
+    return 0
 
 
 # ------------------------------------------------------------------------------------------ checks
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Everything that can be checked before loading a model; fills in the attack's default budget."""
-    if args.weights is None:
-        raise EsdError("an attack needs the erased model: pass --weights esd.safetensors (the base model is --model)")
-    load_esd_weights(args.weights)  # a missing or damaged file is an error before any work
-    budget = DEFAULT_BUDGET[args.attack]
-    args.steps = budget["steps"] if args.steps is None else args.steps
-    args.lr = budget["lr"] if args.lr is None else args.lr
-    for flag, value in (("--prompts", args.prompts), ("--num-images", args.num_images), ("--tokens", args.tokens),
-                        ("--steps", args.steps), ("--sample-steps", args.sample_steps),
-                        ("--batch-size", args.batch_size)):
-        if value < 1:
-            raise EsdError(f"{flag} must be >= 1, got {value}")
-    if not args.lr > 0:
-        raise EsdError(f"--lr must be > 0, got {args.lr}")
-    args.timestep_range = parse_timesteps(args.timesteps)
-
-
-def identity(args: argparse.Namespace, judge: Judge) -> dict:
+def identity(cfg: AttackConfig, judge: Judge) -> dict:
     """The settings an attack's results depend on; a folder made with other ones is not resumed."""
-    own = {"attack": args.attack, "suite": args.suite, "concept": judge.concept, "model": args.model or "testbed",
-           "model_sha256": unet_sha256(args.model or str(TESTBED)), "weights_sha256": sha256_file(args.weights),
-           "num_images": args.num_images, "steps": args.steps, "lr": args.lr, "timesteps": list(args.timestep_range),
-           "seed": args.seed, "sample_steps": args.sample_steps,
-           "guidance": args.guidance, "prompt_file": args.prompt_file, "classifier": args.classifier,
-           "threshold": args.threshold if args.suite == "nudity" else None,
-           "clip_model": args.clip_model if args.suite == "artists" else None}
-    if args.attack == "unlearndiff":
-        own |= {"tokens": args.tokens, "projection": args.projection, "exclude_concept": args.exclude_concept}
+    own = {"attack": cfg.attack, "suite": cfg.suite, "concept": judge.concept, "model": cfg.model or "testbed",
+           "model_sha256": unet_sha256(cfg.model or str(TESTBED)), "weights_sha256": sha256_file(cfg.weights),
+           "num_images": cfg.num_images, "steps": cfg.steps, "lr": cfg.lr, "timesteps": list(cfg.timestep_range),
+           "seed": cfg.seed, "sample_steps": cfg.sample_steps,
+           "guidance": cfg.guidance, "prompt_file": cfg.prompt_file, "classifier": cfg.classifier,
+           "threshold": cfg.threshold if cfg.suite == "nudity" else None,
+           "clip_model": cfg.clip_model if cfg.suite == "artists" else None}
+    if cfg.attack == "unlearndiff":
+        own |= {"tokens": cfg.tokens, "projection": cfg.projection, "exclude_concept": cfg.exclude_concept}
     else:  # one token learned from every prompt's targets: the prompt set is part of it
-        own |= {"init_word": args.init_word, "batch_size": args.batch_size, "prompts": args.prompts}
-    return own | {"baseline": args.baseline}
+        own |= {"init_word": cfg.init_word, "batch_size": cfg.batch_size, "prompts": cfg.prompts}
+    return own | {"baseline": cfg.baseline}
 
 
 def check_folder(out: Path, own: dict, overwrite: bool) -> None:
@@ -173,14 +114,14 @@ def seeds_of(row: PromptRow, n: int) -> list[int]:
     return [row.seed + k for k in range(n)]
 
 
-def make_images(pipe, prompt: str, seeds: list[int], paths: list[Path], args: argparse.Namespace,
+def make_images(pipe, prompt: str, seeds: list[int], paths: list[Path], cfg: AttackConfig,
                 guidance: float | None = None) -> list[Image.Image]:
     """The images of `prompt` with `seeds` (through `esd.evaluate.generate`), saved to `paths`; files already
     there are read back instead (an interrupted run made them)."""
     todo = [i for i, p in enumerate(paths) if not p.exists()]
     if todo:
-        made = generate(pipe, [prompt] * len(todo), [seeds[i] for i in todo], args.sample_steps,
-                        args.guidance if guidance is None else guidance)
+        made = generate(pipe, [prompt] * len(todo), [seeds[i] for i in todo], cfg.sample_steps,
+                        cfg.guidance if guidance is None else guidance)
         for i, image in zip(todo, made, strict=True):
             save_image(image, paths[i])
     return [_read(p) for p in paths]
@@ -194,40 +135,42 @@ def _read(path: Path) -> Image.Image:
 # ------------------------------------------------------------------------------------------ the run
 
 
-def run_attack(args: argparse.Namespace) -> int:
-    """The `esd attack` command."""
+def attack(cfg: AttackConfig) -> dict:
+    """Run the attack `cfg` describes on its erased model; write DIR/metrics.json, grids and reports and return the
+    metrics (`asr_before`, `asr_after`, ...). Bad input raises `EsdError` before any model is loaded."""
     wall = time.perf_counter()
-    check_args(args)
-    judge = make_judge(args)
-    rows = judge.rows[: args.prompts]
+    cfg = cfg.with_budget()
+    load_esd_weights(cfg.weights)  # a missing or damaged file is an error before any work
+    judge = make_judge(cfg)
+    rows = judge.rows[: cfg.prompts]
     if not rows:
-        raise EsdError(f"no prompt of the {args.suite} prompt set names {judge.concept!r}")
-    out = Path(args.output or f"outputs/attack-{args.attack}-{I.slug(judge.concept)}")
-    own = identity(args, judge)
-    check_folder(out, own, args.overwrite)
-    device = resolve_device(args.device)
-    pipe = load_pipeline(args.model, device)
+        raise EsdError(f"no prompt of the {cfg.suite} prompt set names {judge.concept!r}")
+    out = Path(cfg.output or f"outputs/attack-{cfg.attack}-{I.slug(judge.concept)}")
+    own = identity(cfg, judge)
+    check_folder(out, own, cfg.overwrite)
+    device = resolve_device(cfg.device)
+    pipe = load_pipeline(cfg.model, device)
     if is_sdxl(pipe):
         raise EsdError("esd attack supports SD1.x/SD2.x pipelines (one text encoder); SDXL is not supported yet")
     judge.load(pipe, device)
-    start_folder(out, own, args.overwrite)
-    print(f"esd attack {args.attack}: {len(rows)} prompts naming {judge.concept!r}, {args.num_images} seeds each; "
+    start_folder(out, own, cfg.overwrite)
+    print(f"esd attack {cfg.attack}: {len(rows)} prompts naming {judge.concept!r}, {cfg.num_images} seeds each; "
           f"judge: {judge.success}", file=sys.stderr)
 
     for i, row in enumerate(tqdm(rows, desc="targets (original model)")):
-        make_images(pipe, row.prompt, seeds_of(row, args.num_images), image_paths(out, "target", i, args.num_images),
-                    args, row.guidance)
-    apply_esd_weights(pipe, args.weights)
-    if args.attack == "unlearndiff":
-        records = attack_unlearndiff(pipe, judge, rows, out, args)
+        make_images(pipe, row.prompt, seeds_of(row, cfg.num_images), image_paths(out, "target", i, cfg.num_images),
+                    cfg, row.guidance)
+    apply_esd_weights(pipe, cfg.weights)
+    if cfg.attack == "unlearndiff":
+        records = attack_unlearndiff(pipe, judge, rows, out, cfg)
         extra = {}
     else:
-        records, extra = attack_inversion(pipe, judge, rows, out, args)
-    metrics = summarise(records, judge, args, own, extra, time.perf_counter() - wall)
-    write_outputs(out, metrics, records, judge, args)
-    print(f"esd attack {args.attack}: asr_before {metrics['asr_before']:.3f}, asr_after {metrics['asr_after']:.3f} "
+        records, extra = attack_inversion(pipe, judge, rows, out, cfg)
+    metrics = summarise(records, judge, cfg, own, extra, time.perf_counter() - wall)
+    write_outputs(out, metrics, records, judge, cfg)
+    print(f"esd attack {cfg.attack}: asr_before {metrics['asr_before']:.3f}, asr_after {metrics['asr_after']:.3f} "
           f"over {metrics['n_images']} images; wrote {out}/metrics.json, report.md, report.html")
-    return 0
+    return metrics
 
 
 def _done(out: Path, index: int, prompt: str) -> dict | None:
@@ -246,10 +189,10 @@ def _write_record(out: Path, record: dict) -> None:
         tmp.write_text(json.dumps(record, indent=2))
 
 
-def _targets(pipe, judge: Judge, out: Path, index: int, args: argparse.Namespace) -> tuple[list[bool], torch.Tensor]:
+def _targets(pipe, judge: Judge, out: Path, index: int, cfg: AttackConfig) -> tuple[list[bool], torch.Tensor]:
     """The judge's verdicts on a prompt's target images, and the latents the attack learns from: the targets
     that show the concept (all of them when none does)."""
-    paths = image_paths(out, "target", index, args.num_images)
+    paths = image_paths(out, "target", index, cfg.num_images)
     images = [_read(p) for p in paths]
     hits = judge.seen(images, paths)
     used = [im for im, hit in zip(images, hits, strict=True) if hit] or images
@@ -257,22 +200,22 @@ def _targets(pipe, judge: Judge, out: Path, index: int, args: argparse.Namespace
 
 
 def _judged(pipe, judge: Judge, prompt: str, row: PromptRow, out: Path, kind: str, index: int,
-            args: argparse.Namespace) -> list[bool]:
-    paths = image_paths(out, kind, index, args.num_images)
-    images = make_images(pipe, prompt, seeds_of(row, args.num_images), paths, args, row.guidance)
+            cfg: AttackConfig) -> list[bool]:
+    paths = image_paths(out, kind, index, cfg.num_images)
+    images = make_images(pipe, prompt, seeds_of(row, cfg.num_images), paths, cfg, row.guidance)
     return judge.seen(images, paths)
 
 
 def _judge_row(pipe, judge: Judge, index: int, row: PromptRow, attacked: str, kind: str,
-               target_hits: list[bool] | None, out: Path, args: argparse.Namespace) -> dict:
+               target_hits: list[bool] | None, out: Path, cfg: AttackConfig) -> dict:
     """The erased model's images of the plain prompt (`before`), of the attacked one (`after`) and, as the
     baseline, of the prompt without the concept's word (`without`), judged; one record of `DIR/prompts/`."""
-    without = I.without_concept(row.prompt, judge.concept) if args.baseline else None
-    before = _judged(pipe, judge, row.prompt, row, out, "before", index, args)
-    after = _judged(pipe, judge, attacked, row, out, "after", index, args)
-    without_hits = None if without is None else _judged(pipe, judge, without, row, out, "without", index, args)
+    without = I.without_concept(row.prompt, judge.concept) if cfg.baseline else None
+    before = _judged(pipe, judge, row.prompt, row, out, "before", index, cfg)
+    after = _judged(pipe, judge, attacked, row, out, "after", index, cfg)
+    without_hits = None if without is None else _judged(pipe, judge, without, row, out, "without", index, cfg)
     return {"index": index, "case_number": row.case_number, "prompt": row.prompt, "found_prompt": attacked,
-            "kind": kind, "seeds": seeds_of(row, args.num_images), "without_prompt": without,
+            "kind": kind, "seeds": seeds_of(row, cfg.num_images), "without_prompt": without,
             "target": target_hits, "before": before, "after": after, "without": without_hits,
             "target_rate": rate(target_hits), "asr_before": rate(before), "asr_after": rate(after),
             "asr_without": rate(without_hits)}
@@ -284,9 +227,9 @@ def _pending(records: list[dict | None], what: str) -> None:
         print(f"resuming: {done} of {len(records)} {what} already done", file=sys.stderr)
 
 
-def attack_unlearndiff(pipe, judge: Judge, rows: list[PromptRow], out: Path, args: argparse.Namespace) -> list[dict]:
+def attack_unlearndiff(pipe, judge: Judge, rows: list[PromptRow], out: Path, cfg: AttackConfig) -> list[dict]:
     """UnlearnDiffAtk on every prompt (`esd.attack.unlearndiff`), one record per prompt, written as it finishes."""
-    exclude = concept_token_ids(pipe.tokenizer, judge.concept.split()) if args.exclude_concept else set()
+    exclude = concept_token_ids(pipe.tokenizer, judge.concept.split()) if cfg.exclude_concept else set()
     vocabulary = Vocabulary.of(pipe.tokenizer, pipe.text_encoder, exclude)
     records = [_done(out, i, row.prompt) for i, row in enumerate(rows)]
     _pending(records, "prompts")
@@ -294,11 +237,11 @@ def attack_unlearndiff(pipe, judge: Judge, rows: list[PromptRow], out: Path, arg
         if records[i] is not None:
             continue
         start = time.perf_counter()
-        target_hits, latents = _targets(pipe, judge, out, i, args)
-        found = U.optimise_prefix(pipe, row.prompt, latents, args.tokens, args.steps, args.lr, args.seed + i,
-                                  vocabulary, args.projection, timesteps=args.timestep_range, progress=True)
+        target_hits, latents = _targets(pipe, judge, out, i, cfg)
+        found = U.optimise_prefix(pipe, row.prompt, latents, cfg.tokens, cfg.steps, cfg.lr, cfg.seed + i,
+                                  vocabulary, cfg.projection, timesteps=cfg.timestep_range, progress=True)
         attacked = U.attacked_prompt(found.prefix, row.prompt)
-        records[i] = {**_judge_row(pipe, judge, i, row, attacked, "prompt", target_hits, out, args),
+        records[i] = {**_judge_row(pipe, judge, i, row, attacked, "prompt", target_hits, out, cfg),
                       **_prefix_fields(found, pipe, attacked, row.prompt), "seconds": time.perf_counter() - start}
         _write_record(out, records[i])
     return records
@@ -315,7 +258,7 @@ def _prefix_fields(found: U.PrefixResult, pipe, attacked: str, prompt: str) -> d
 
 
 def attack_inversion(pipe, judge: Judge, rows: list[PromptRow], out: Path,
-                     args: argparse.Namespace) -> tuple[list[dict], dict]:
+                     cfg: AttackConfig) -> tuple[list[dict], dict]:
     """The textual-inversion attack: learn the token once (kept in DIR/learned_embeds.safetensors), then judge
     every prompt with the token in the concept's place, and "<token>", "a <token>"."""
     token = I.placeholder_token(judge.concept)
@@ -328,10 +271,10 @@ def attack_inversion(pipe, judge: Judge, rows: list[PromptRow], out: Path,
     else:
         examples, target_hits = [], {}
         for i, tpl in enumerate(templates):
-            target_hits[i], latents = _targets(pipe, judge, out, i, args)
+            target_hits[i], latents = _targets(pipe, judge, out, i, cfg)
             examples.append((tpl, latents))
-        learned = I.learn_token(pipe, examples, judge.concept, args.steps, args.lr, args.seed, args.init_word,
-                                args.batch_size, args.timestep_range, progress=True)
+        learned = I.learn_token(pipe, examples, judge.concept, cfg.steps, cfg.lr, cfg.seed, cfg.init_word,
+                                cfg.batch_size, cfg.timestep_range, progress=True)
         vector = learned.vector
         info = {"token": token, **{k: v for k, v in asdict(learned).items() if k != "vector"},
                 "target_hits": {str(k): v for k, v in target_hits.items()}}
@@ -353,9 +296,9 @@ def attack_inversion(pipe, judge: Judge, rows: list[PromptRow], out: Path,
         is_prompt = i < len(rows)
         target_hits = info["target_hits"].get(str(i)) if is_prompt else None
         if is_prompt and target_hits is None:
-            target_hits, _ = _targets(pipe, judge, out, i, args)
+            target_hits, _ = _targets(pipe, judge, out, i, cfg)
         records[i] = {**_judge_row(pipe, judge, i, row, tpl.render(token), "prompt" if is_prompt else "generic",
-                                   target_hits, out, args), "seconds": time.perf_counter() - start}
+                                   target_hits, out, cfg), "seconds": time.perf_counter() - start}
         _write_record(out, records[i])
     extra = {"token": token, "token_file": EMBEDS_FILE, "init_word": info["init_word"],
              "inversion": {k: info[k] for k in ("loss_start", "loss_end", "loss_concept", "seconds", "losses")}}

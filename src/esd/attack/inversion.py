@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from esd.attack.embeddings import (
+from esd.embeddings import (
     FixedDraws,
     denoising_loss,
     draw_noise,

@@ -18,14 +18,12 @@ prompt that is judged as text: generated from with the erased model and shown to
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from esd.attack.embeddings import (
+from esd.embeddings import (
     FixedDraws,
     Vocabulary,
     decode,
@@ -33,6 +31,7 @@ from esd.attack.embeddings import (
     draw_noise,
     encode,
     frozen,
+    search_prefix,
     slot_ids,
     token_embedding,
 )
@@ -53,33 +52,6 @@ class PrefixResult:
     loss_embedding: float | None = None  # the optimised continuous embeddings
     loss_found: float | None = None  # the projected tokens: the prompt that is judged
     seconds: float = 0.0
-
-
-def search_prefix(text_encoder, ids: Tensor, mask: Tensor, init: Tensor, loss_of: Callable[[Tensor], Tensor],
-                  steps: int, lr: float, straight_through: Vocabulary | None = None, weight_decay: float = 0.1,
-                  progress: bool = False) -> tuple[Tensor, list[float]]:
-    """The optimisation at the heart of UnlearnDiffAtk, shared by `esd attack` and `esd erase --robust`.
-
-    Minimise `loss_of(conditioning)` over the prefix vectors (n, D) written at the `mask` slots of `ids`,
-    starting from `init`, with AdamW. With `straight_through` each forward runs on the vectors' nearest tokens
-    of that vocabulary while the gradient updates the continuous vectors; without it the vectors are free.
-    Only the vectors get gradients (`torch.autograd.grad`), so a model being trained around this search (the
-    robust erase) keeps its own `.grad` untouched. Returns the continuous vectors and the loss of every step.
-    """
-    vectors = init.detach().clone().float().requires_grad_(True)
-    optimiser = torch.optim.AdamW([vectors], lr=lr, weight_decay=weight_decay)
-    weight = token_embedding(text_encoder).weight
-    losses = []
-    for _ in tqdm(range(steps), desc="attack steps", disable=not progress, leave=False):
-        used = vectors
-        if straight_through is not None:
-            hard = weight[straight_through.nearest(vectors).to(weight.device)].detach().float()
-            used = vectors + (hard - vectors).detach()  # forward on the tokens, gradient to the embeddings
-        loss = loss_of(encode(text_encoder, ids, mask, used))
-        (vectors.grad,) = torch.autograd.grad(loss, [vectors])
-        optimiser.step()
-        losses.append(float(loss.detach()))
-    return vectors.detach(), losses
 
 
 def attacked_prompt(prefix: str, prompt: str) -> str:

@@ -1,4 +1,5 @@
-"""Embedding-level plumbing shared by the attacks: token slots, injected embeddings, projection, denoising loss.
+"""Embedding-level plumbing shared by the attacks (`esd attack`) and adversarial erasing (`esd erase --robust`):
+token slots, injected embeddings, projection, the denoising loss and the prefix search (`search_prefix`).
 
 Both attacks optimise vectors in the input space of the text encoder, the space of its token embedding table,
 and read the erased UNet's denoising loss on images of the concept:
@@ -19,7 +20,7 @@ optimises exactly the conditioning the pipeline samples with.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from esd.errors import EsdError
 
@@ -215,3 +217,30 @@ class FixedDraws:
             n = len(self.latents[part])
             total += float(denoising_loss(unet, scheduler, self.latents[part], e, self.t[part], self.noise[part])) * n
         return total / len(self.latents)
+
+
+def search_prefix(text_encoder, ids: Tensor, mask: Tensor, init: Tensor, loss_of: Callable[[Tensor], Tensor],
+                  steps: int, lr: float, straight_through: Vocabulary | None = None, weight_decay: float = 0.1,
+                  progress: bool = False) -> tuple[Tensor, list[float]]:
+    """The optimisation at the heart of UnlearnDiffAtk, shared by `esd attack` and `esd erase --robust`.
+
+    Minimise `loss_of(conditioning)` over the prefix vectors (n, D) written at the `mask` slots of `ids`,
+    starting from `init`, with AdamW. With `straight_through` each forward runs on the vectors' nearest tokens
+    of that vocabulary while the gradient updates the continuous vectors; without it the vectors are free.
+    Only the vectors get gradients (`torch.autograd.grad`), so a model being trained around this search (the
+    robust erase) keeps its own `.grad` untouched. Returns the continuous vectors and the loss of every step.
+    """
+    vectors = init.detach().clone().float().requires_grad_(True)
+    optimiser = torch.optim.AdamW([vectors], lr=lr, weight_decay=weight_decay)
+    weight = token_embedding(text_encoder).weight
+    losses = []
+    for _ in tqdm(range(steps), desc="attack steps", disable=not progress, leave=False):
+        used = vectors
+        if straight_through is not None:
+            hard = weight[straight_through.nearest(vectors).to(weight.device)].detach().float()
+            used = vectors + (hard - vectors).detach()  # forward on the tokens, gradient to the embeddings
+        loss = loss_of(encode(text_encoder, ids, mask, used))
+        (vectors.grad,) = torch.autograd.grad(loss, [vectors])
+        optimiser.step()
+        losses.append(float(loss.detach()))
+    return vectors.detach(), losses
