@@ -100,7 +100,7 @@ def test_erase_writes_a_run_and_restores_the_base_weights(app, finished_run):
     job, before = finished_run
     run = app.output_dir / job.run_name
     assert len(job.losses) == len(job.result.losses) == QUICK["iterations"]
-    assert {p.name for p in R.run_files(run)} == {"esd.safetensors", "README.md", "loss.png"}
+    assert {p.name for p in R.run_files(run)} == {"esd.safetensors", "README.md", "recipe.json", "loss.png"}
     assert R.list_runs(app.output_dir)[0] == job.run_name
     cfg, meta = R.run_metadata(run)
     assert cfg.concept == "circle" and meta["step"] == str(QUICK["iterations"])

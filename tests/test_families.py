@@ -213,7 +213,7 @@ def test_erase_then_generate_on_each_family(saved, tmp_path, name, capsys):
     family, kind = ("sdxl", "epsilon") if name == "sdxl" else ("sd2", "v_prediction")
     printed = capsys.readouterr()
     assert ("SDXL" if name == "sdxl" else "SD2.x") in printed.out + printed.err  # the adapter is announced
-    assert {p.name for p in out.iterdir()} == {"esd.safetensors", "README.md", "loss.png", "grid.png"}
+    assert {p.name for p in out.iterdir()} == {"esd.safetensors", "README.md", "recipe.json", "loss.png", "grid.png"}
     with safe_open(str(out / "esd.safetensors"), "pt") as f:
         meta, names = f.metadata(), list(f.keys())
     assert (meta["model_family"], meta["prediction_type"], meta["image_size"]) == (family, kind, "64")

@@ -183,3 +183,23 @@ def test_grid_timestep_is_the_samplers_own_and_band_draws_inside_the_band():
         assert 100 * k <= grid < 100 * (k + 1)  # inside the band the 2023 rule draws from
         assert 100 * k <= step_timestep(k, scheduler, gen) < 100 * (k + 1)
     assert band_timestep(0, 10, 1000, gen) < 100
+
+
+def test_the_card_header_is_read_by_huggingface_hub(tiny_pipe_dir, tmp_path):
+    """The card's YAML: library, pipeline tag and tags always; base_model (a Hugging Face id only) and the
+    base's license when known."""
+    from huggingface_hub import ModelCard
+
+    from esd.artifacts import card_metadata
+
+    out = tmp_path / "run"
+    assert main(["erase", "--concept", "a red circle", "--model", str(tiny_pipe_dir), "--iterations", "1",
+                 "--ddim-steps", "2", "--grid-steps", "0", "--device", "cpu", "--output", str(out)]) == 0
+    card = ModelCard.load(out / "README.md")
+    assert (card.data.library_name, card.data.pipeline_tag) == ("diffusers", "text-to-image")
+    assert {"esd", "concept-erasure", "stable-diffusion"} <= set(card.data.tags)
+    assert card.data.base_model is None  # a local folder is no Hub id
+    header = card_metadata(EraseConfig(concept="x", lora_rank=4), "sdxl", "stabilityai/stable-diffusion-xl-base-1.0")
+    data = ModelCard(f"---\n{header}\n---\n# x\n").data
+    assert data.base_model == "stabilityai/stable-diffusion-xl-base-1.0" and data.license == "openrail++"
+    assert {"stable-diffusion-xl", "lora"} <= set(data.tags)

@@ -13,7 +13,7 @@ from pathlib import Path
 from esd.config import EraseConfig
 from esd.errors import EsdError
 
-RUN_FILES = ("esd.safetensors", "README.md", "compvis.safetensors", "loss.png", "grid.png")
+RUN_FILES = ("esd.safetensors", "README.md", "recipe.json", "compvis.safetensors", "loss.png", "grid.png")
 
 
 def slug(text: str) -> str:

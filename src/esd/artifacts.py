@@ -15,7 +15,7 @@ from esd.config import ETA_CONVENTION, EraseConfig, adversary_modes  # noqa: E40
 from esd.evaluate.generate import DEFAULT_GUIDANCE, generate_product  # noqa: E402
 from esd.evaluate.report import save_image  # noqa: E402
 from esd.grids import CELL, make_grid  # noqa: E402
-from esd.models import describe_model, grid_prompts, text_encoders_on  # noqa: E402
+from esd.models import describe_model, grid_prompts, looks_like_hub_id, model_family, text_encoders_on  # noqa: E402
 from esd.networks import is_transformer, network  # noqa: E402
 from esd.phrasing import retain_pool  # noqa: E402
 from esd.recipes import as_recipe, brief  # noqa: E402
@@ -158,6 +158,35 @@ def settings_table(result) -> str:
         "`esd erase --recipe recipe.json`."
 
 
+# Licenses of the base models people erase from, by Hugging Face id (the card repeats the base's license: an erased
+# model is a derivative of it). Ids not listed get no license line; the user adds theirs.
+BASE_LICENSES = {
+    "CompVis/stable-diffusion-v1-4": "creativeml-openrail-m",
+    "runwayml/stable-diffusion-v1-5": "creativeml-openrail-m",
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": "creativeml-openrail-m",
+    "stabilityai/stable-diffusion-2-1": "openrail++",
+    "stabilityai/stable-diffusion-2-1-base": "openrail++",
+    "stabilityai/stable-diffusion-2-base": "openrail++",
+    "stabilityai/stable-diffusion-xl-base-1.0": "openrail++",
+    "black-forest-labs/FLUX.1-schnell": "apache-2.0",
+}
+FAMILY_TAGS = {"sd1": ["stable-diffusion"], "sd2": ["stable-diffusion"], "sdxl": ["stable-diffusion-xl"],
+               "sd3": ["stable-diffusion-3"], "flux": ["flux"], "flux2": ["flux"]}
+
+
+def card_metadata(cfg: EraseConfig, family: str, base: str) -> str:
+    """The card's YAML header, which the Hub and `huggingface_hub.ModelCard.load` read: base model (a Hugging Face
+    id only: a local path means nothing there), library, pipeline tag, tags, and the base's license when known."""
+    from huggingface_hub import ModelCardData
+
+    hub_id = looks_like_hub_id(base)
+    tags = ["esd", "concept-erasure", *FAMILY_TAGS.get(family, []), "text-to-image"] + (["lora"] if cfg.lora_rank
+                                                                                        else [])
+    data = ModelCardData(base_model=base if hub_id else None, library_name="diffusers", pipeline_tag="text-to-image",
+                         license=BASE_LICENSES.get(base, "mit" if base == "esd-testbed" else None), tags=tags)
+    return data.to_yaml()
+
+
 def model_card(cfg: EraseConfig, pipe, result) -> str:
     base = base_name(pipe, cfg)
     load = "models/testbed" if base == "esd-testbed" else base  # the testbed's folder in a checkout of esd
@@ -169,9 +198,7 @@ def model_card(cfg: EraseConfig, pipe, result) -> str:
     n_total = sum(p.numel() for p in net.parameters())
     final = sum(result.losses[-20:]) / max(1, len(result.losses[-20:]))
     return f"""---
-library_name: diffusers
-base_model: {base}
-tags: [esd, concept-erasure, stable-diffusion]
+{card_metadata(cfg, model_family(pipe), base)}
 ---
 # ESD: "{cfg.concept}" erased from {base}
 

@@ -50,7 +50,7 @@ def resolve_device(name: str = "auto", flag: str = "--device") -> torch.device:
     return device
 
 
-def _looks_like_hub_id(model: str) -> bool:
+def looks_like_hub_id(model: str) -> bool:
     parts = model.split("/")
     return len(parts) == 2 and all(parts) and not model.startswith((".", "~")) and "\\" not in model
 
@@ -91,7 +91,7 @@ def load_pipeline(model: str | None = None, device: torch.device | str = "cpu", 
     elif path.exists():
         raise EsdError(f"--model {model}: a file of unknown type; expected a diffusers folder or "
                        f"a CompVis file ending in {', '.join(sorted(SINGLE_FILE_SUFFIXES))}")
-    elif _looks_like_hub_id(model):
+    elif looks_like_hub_id(model):
         try:
             index = DiffusionPipeline.load_config(model)  # model_index.json only
             pipe = DiffusionPipeline.from_pretrained(model, **_without_safety_checker(index), **_dtype_kwargs(dtype))
