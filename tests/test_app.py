@@ -254,7 +254,7 @@ def test_attack_tab_attacks_the_run_and_reports_both_rates(app, finished_run):
     saved = json.loads((app.output_dir / job.run_name / "app-attack-unlearndiff" / "metrics.json").read_text())
     assert saved["n_prompts"] == 1 and saved["budget"]["steps"] == 2
     assert all(torch.equal(p, before[n]) for n, p in app.pipe.unet.named_parameters())  # the shared model is untouched
-    for bad, words in (({"attack": "pgd"}, "unknown"), ({"prompts": 0}, "prompts must be"),
+    for bad, words in (({"kind": "pgd"}, "unknown"), ({"prompts": 0}, "prompts must be"),
                        ({"steps": S.MAX_ATTACK_STEPS + 1}, "steps")):
         with pytest.raises(EsdError, match=words):
             app.attack(job.run_name, **{"kind": "unlearndiff", "prompts": 1, **bad})
