@@ -1,5 +1,5 @@
-"""End to end on the shipped testbed: `esd erase --concept circle` with the testbed's recommended settings
-(models/testbed/esd.json) measurably removes circles and keeps squares, their colours and their solid fill."""
+"""End to end on the shipped testbed: `esd erase --concept circle` with the testbed's recipe for shapes
+(models/testbed/recipes/testbed-shape.json) measurably removes circles and keeps squares and their colours."""
 
 import json
 
@@ -30,11 +30,13 @@ def _rates(pipe) -> dict[str, float]:
 @needs_testbed
 def test_erase_circle_on_the_testbed_through_the_cli(tmp_path):
     out = tmp_path / "circle"
-    # No erase settings given: the testbed's recommendation for a shape applies, as a user's first try would.
+    # No erase settings given: the testbed's recipe for a shape applies, as a user's first try would.
     assert main(["erase", "--concept", "circle", "--grid-steps", "10", "--device", "cpu", "--output", str(out)]) == 0
     card = (out / "README.md").read_text()
-    assert "models/testbed" in card and "`circle`" in card and "lr_schedule=cosine" in card
-    assert "contexts=" in card and "retain=" in card  # the shape kind's phrasings and the kept prompts
+    assert "models/testbed" in card and "`circle`" in card and "Recipe **testbed-shape** (model folder: shape)" in card
+    for row in ("| lr_schedule | `'cosine'` | recipe testbed-shape |", "| start_from_sibling | `True` |", "| contexts |",
+                "| retain |"):  # the shape recipe's settings, each with its source
+        assert row in card, row
     pipe = load_pipeline(None, "cpu")  # no --model: the shipped testbed
     before = _rates(pipe)
     apply_esd_weights(pipe.unet, out / "esd.safetensors")
@@ -45,7 +47,7 @@ def test_erase_circle_on_the_testbed_through_the_cli(tmp_path):
     square_before = (before["a green square"] + before["a yellow square"]) / 2
     square_after = (after["a green square"] + after["a yellow square"]) / 2
     assert circle_before >= 0.8
-    # Measured (recommended settings, erase seed 0): circles 12/12 -> 2/12, squares 12/12 -> 11/12, colours kept.
+    # Measured (the shape recipe, erase seed 0): circles 12/12 -> 2/12, squares 12/12 -> 11/12, colours kept.
     assert circle_after <= 0.25  # erased: at most 3 of the 12 circle images
     assert square_after >= square_before - 0.2  # the rest intact
     assert after["square colour"] >= before["square colour"] - 0.2
