@@ -2,7 +2,12 @@
 baseline measured in the same run.
 
     python benchmarks/erase_cost.py --size tiny|testbed|sd1-full|sd3|flux [--iterations N] [--ddim-steps N]
-                                    [--device D] [--configs a,b,...] [--json FILE]
+                                    [--device D] [--configs a,b,...] [--recipe NAME --concept C] [--json FILE]
+
+With --recipe, every configuration starts from that recipe's settings (as `esd erase --recipe NAME` does; the
+testbed's recipes erase one of its words, e.g. --concept circle), the configuration's own settings over them.
+Beside seconds per iteration it prints the images through the denoising network per iteration (`esd.cost`),
+a count that does not depend on how busy the machine is.
 
 The baseline reproduces the original cost model: two full UNets in fp32 (a frozen copy beside the
 trained one), the sampler's conditional and unconditional forwards run separately. Each configuration
@@ -31,12 +36,14 @@ import time
 from pathlib import Path
 
 CONFIGS = {  # name -> EraseConfig overrides; `devices` is filled in with the run's device twice for baseline
-    "baseline": {"devices": "SAME", "guidance_batch": False, "gradient_checkpointing": False, "precision": "fp32"},
+    "baseline": {"devices": "SAME", "guidance_batch": False, "sampler_batch": False, "gradient_checkpointing": False,
+                 "precision": "fp32"},
     "default": {},
     "fp32": {"precision": "fp32"},  # SD3/FLUX: the frozen weights in fp32 (the default there is bf16)
     "no-checkpointing": {"gradient_checkpointing": False},
     "bf16": {"precision": "bf16"},
     "fast": {"trajectory_reuse": 8},
+    "one-at-a-time": {"sampler_batch": False},  # each example's partial trajectory alone, as before batching
     "bf16+fast": {"precision": "bf16", "trajectory_reuse": 8},
 }
 
@@ -102,6 +109,7 @@ def worker(args: argparse.Namespace) -> None:
     from esd.config import EraseConfig
     from esd.erase import erase
     from esd.models import resolve_device
+    from esd.recipes import resolve
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -119,13 +127,16 @@ def worker(args: argparse.Namespace) -> None:
         stamps.append(time.perf_counter())
 
     with tempfile.TemporaryDirectory() as out:
-        cfg = EraseConfig(concept="a red circle", method=args.method, iterations=args.iterations,
-                          ddim_steps=args.ddim_steps, image_size=args.image_size, seed=0, device=str(device),
-                          grid_steps=0, save_every=0, output=out, **overrides)
+        given = {"concept": args.concept, "iterations": args.iterations, "image_size": args.image_size, "seed": 0,
+                 "device": str(device), "grid_steps": 0, "save_every": 0, "output": out, **overrides}
+        if args.recipe:  # the recipe's settings, then this configuration's
+            cfg = resolve({"recipe": args.recipe, **given}).config
+        else:
+            cfg = EraseConfig(method=args.method, ddim_steps=args.ddim_steps, **given)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        erase(cfg, pipe=pipe, progress=False, on_step=tick)
+        result = erase(cfg, pipe=pipe, progress=False, on_step=tick)
         total = time.perf_counter() - start
     times = [b - a for a, b in zip([start, *stamps[:-1]], stamps, strict=True)]
     timed = times[1:] if len(times) > 1 else times
@@ -135,7 +146,8 @@ def worker(args: argparse.Namespace) -> None:
     else:  # what the models and the run hold, as CUDA's allocated bytes would: peak RSS above the libraries'
         peak = rss_peak - libraries
     print(json.dumps({"config": args.worker, "s_per_iter": sum(timed) / len(timed), "peak_bytes": peak,
-                      "peak_rss_bytes": rss_peak, "iterations": args.iterations, "total_s": total}))
+                      "peak_rss_bytes": rss_peak, "iterations": args.iterations, "total_s": total,
+                      "images_per_iter": result.work}))
 
 
 def rss_bytes() -> int:
@@ -153,7 +165,8 @@ def run_all(args: argparse.Namespace) -> list[dict]:
     rows = []
     for name in names:
         cmd = [sys.executable, __file__, "--worker", name, "--size", args.size, "--iterations", str(args.iterations),
-               "--ddim-steps", str(args.ddim_steps), "--device", args.device, "--method", args.method]
+               "--ddim-steps", str(args.ddim_steps), "--device", args.device, "--method", args.method,
+               "--concept", args.concept] + (["--recipe", args.recipe] if args.recipe else [])
         if args.image_size:
             cmd += ["--image-size", str(args.image_size)]
         if args.threads:
@@ -173,13 +186,19 @@ def run_all(args: argparse.Namespace) -> list[dict]:
 
 
 def markdown(rows: list[dict], args: argparse.Namespace, device: str) -> str:
-    lines = [f"size `{args.size}`, method `{args.method}`, {args.iterations} iterations, DDIM steps {args.ddim_steps}, "
-             f"device {device}", "", "| config | s/iter | peak GiB | time vs baseline | memory vs baseline |",
-             "|---|---|---|---|---|"]
+    what = f"recipe `{args.recipe}`, concept `{args.concept}`" if args.recipe else \
+        f"method `{args.method}`, DDIM steps {args.ddim_steps}"
+    lines = [f"size `{args.size}`, {what}, {args.iterations} iterations, device {device}", "",
+             "| config | s/iter | images/iter (sampler; its forwards) | peak GiB | time vs baseline | images vs baseline | "
+             "memory vs baseline |", "|---|---|---|---|---|---|---|"]
+    base = next((r for r in rows if r["config"] == "baseline"), None)
     for r in rows:
         ratios = [f"{r[k]:.2f}x" if r[k] is not None else "—" for k in ("speed_ratio", "memory_ratio")]
-        lines.append(f"| {r['config']} | {r['s_per_iter']:.3f} | {r['peak_bytes'] / 2**30:.2f} | "
-                     f"{ratios[0]} | {ratios[1]} |")
+        work = r.get("images_per_iter", {})
+        images = f"{work['total'] / base['images_per_iter']['total']:.2f}x" if base and work else "—"
+        lines.append(f"| {r['config']} | {r['s_per_iter']:.3f} | {work.get('total', 0):.1f} ({work.get('sampler', 0):.1f}; "
+                     f"{work.get('sampler calls', 0):.1f}) "
+                     f"| {r['peak_bytes'] / 2**30:.2f} | {ratios[0]} | {images} | {ratios[1]} |")
     return "\n".join(lines)
 
 
@@ -190,6 +209,9 @@ def main() -> None:
     p.add_argument("--ddim-steps", type=int, default=50)
     p.add_argument("--device", default="auto")
     p.add_argument("--method", default="xattn")
+    p.add_argument("--recipe", default=None, help="start every configuration from this recipe (e.g. paper, "
+                                                   "testbed-shape); --method and --ddim-steps are then the recipe's")
+    p.add_argument("--concept", default="a red circle", help="the concept erased (with a testbed recipe: its word)")
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {', '.join(CONFIGS)}")
     p.add_argument("--json", default=None, help="also write the rows as JSON here")

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from esd.config import EraseConfig
 from esd.erase import erase
 from esd.errors import NonFiniteLossError
-from esd.examples import Slot, draw_example
+from esd.examples import Slot, draw_example, draw_examples
 from esd.frozen import copied_denoiser, original_values, swapped_denoiser
 from esd.models import encode_prompt
 from esd.networks import Cond
@@ -115,6 +115,31 @@ def test_target_follows_the_paper_eta_in_both_sampling_modes(tiny_pipe, tmp_path
         by_other = sample_trajectory(other, scheduler, z_T, conds[concept], conds[""], cfg.start_guidance)
         assert not torch.allclose(ex.x_t, by_other[ex.k], atol=1e-4)
     assert len(steps) >= 3, steps  # the seeds reach several steps, not one by chance
+
+
+def test_an_iterations_examples_sample_together_as_they_would_one_at_a_time(tiny_pipe, tmp_path):
+    """The batch's partial trajectories run as one batch, each example leaving at its own k: the same draws, x_t,
+    t and targets as one example at a time, in max(N−1−k) sampler forwards instead of Σ(N−1−k)."""
+    cfg = _cfg(tmp_path, ddim_steps=6, retain=["a blue square", "a green triangle"], batch_size=5)
+    unet, reference, frozen, conds = _setup(tiny_pipe, cfg)
+    conds |= {p: encode_prompt(tiny_pipe, p) for p in cfg.retain}
+    scheduler = ddim_scheduler(tiny_pipe.scheduler.config, cfg.ddim_steps)
+    calls = []
+
+    def counted(x, t, cond):
+        calls.append(len(x))
+        return unet_denoiser(unet)(x, t, cond)
+
+    together = draw_examples(cfg, conds, counted, frozen, scheduler, (1, 4, 8, 8), [Slot.seeded(s) for s in range(5)])
+    batched_calls, calls[:] = len(calls), []
+    alone = [draw_example(cfg, conds, counted, frozen, scheduler, (1, 4, 8, 8), Slot.seeded(s)) for s in range(5)]
+    ks = [ex.k for ex in together]
+    assert len(set(ks)) > 1 and ks == [ex.k for ex in alone]  # several stopping steps, the same draws
+    assert batched_calls == max(cfg.ddim_steps - 1 - k for k in ks) and len(calls) == sum(5 - k for k in ks)
+    for a, b in zip(together, alone, strict=True):
+        assert (a.concept, a.retain_text, int(a.t)) == (b.concept, b.retain_text, int(b.t))
+        assert torch.allclose(a.x_t, b.x_t, atol=1e-5) and torch.allclose(a.retain[1], b.retain[1], atol=1e-5)
+        assert torch.allclose(a.target, b.target, atol=1e-5)
 
 
 def test_erase_from_conditions_on_the_context(tiny_pipe, tmp_path):

@@ -158,13 +158,13 @@ def test_siblings_are_held_in_the_iterations_own_phrasing_half_the_time():
     cfg = EraseConfig(concept="circle", contexts=["red {}", "{}, striped"], retain=["", "a blue square"],
                       siblings=["square", "circle", "triangle"])
     slot = Slot.seeded(0)
-    drawn = [kept_prompt(cfg, retain_pool(cfg.retain, cfg.concepts), "red {}", slot)[0] for _ in range(400)]
+    drawn = [kept_prompt(cfg, retain_pool(cfg.retain, cfg.concepts), "red {}", slot) for _ in range(400)]
     held = [p for p in drawn if p in ("red square", "red triangle")]
     assert set(drawn) == {"", "a blue square", "red square", "red triangle"}  # never the erased circle itself
     assert 0.4 < len(held) / len(drawn) < 0.6
     # without --retain, always a sibling; every sibling phrasing is encoded once at setup
     cfg_alone = EraseConfig(concept="circle", contexts=["red {}"], siblings=["square"])
-    assert kept_prompt(cfg_alone, [], "red {}", slot) == ("red square", None)
+    assert kept_prompt(cfg_alone, [], "red {}", slot) == "red square"
     assert {"red square", "red triangle", "square, striped", "triangle, striped"} <= prompts_needed(cfg)
     with pytest.raises(EsdError, match="--siblings"):
         EraseConfig(concept="circle", siblings=["circle"]).validate()

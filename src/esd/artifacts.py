@@ -129,6 +129,15 @@ image = pipe("{cfg.concepts[0]}").images[0]
 ```"""
 
 
+def work_line(work: dict[str, float]) -> str:
+    """Images through the denoising network per iteration, by part (esd.cost), as one line."""
+    if not work:
+        return "—"
+    parts = ", ".join(f"{part} {n:.1f}" for part, n in work.items() if part not in ("total", "sampler calls"))
+    return (f"{work['total']:.1f} images ({parts}; a backward counts as two forwards); the sampler's "
+            f"{work.get('sampler calls', 0):.1f} forwards run one after another")
+
+
 def adversary_embeddings(cfg: EraseConfig) -> str:
     """What the --robust adversary optimises: prefix embeddings before the prompt, or one embedding in the word's
     place (word, inversion), or both in turn."""
@@ -221,6 +230,7 @@ Erased with [ESD](https://arxiv.org/abs/2303.07345) (Gandikota et al., ICCV 2023
 | seed | {cfg.seed} |
 | precision | frozen weights {cfg.precision}{"" if cfg.precision == "fp32" else " (forwards under autocast)"}; trained parameters and Adam state fp32 |
 | recipe | `{result.resolution.recipe.name}` ({result.resolution.chosen_by}); the settings it and the flags changed are listed below |
+| network evaluations per iteration | {work_line(result.work)} |
 | final loss (mean of last 20) | {final:.5f} |
 | wall time | {result.seconds:.1f} s |
 | CompVis single file | {f"`{result.compvis.name}` (for AUTOMATIC1111/ComfyUI)" if result.compvis else "— (`--save-compvis` writes one)"} |

@@ -90,7 +90,7 @@ HELP_GROUPS = {
     "the paper's method (Algorithm 1, Eq. 5)": ("method", "iterations", "lr", "eta", "start_guidance", "ddim_steps",
                                                 "seed"),
     "training": ("batch_size", "lr_schedule", "sample_from", "timestep", "lora_rank", "train_text_encoder",
-                 "text_encoder_lr", "gradient_checkpointing", "guidance_batch", "trajectory_reuse"),
+                 "text_encoder_lr", "gradient_checkpointing", "guidance_batch", "sampler_batch", "trajectory_reuse"),
     "opt-in extensions (phrasings and what to keep)": ("contexts", "retain", "retain_weight", "siblings",
                                                        "start_from_sibling"),
     "robust erasing (--robust)": ("robust", "robust_adversary", "robust_images", "robust_tokens",
@@ -205,6 +205,9 @@ class EraseConfig:
                                  "iterations (1: a fresh partial trajectory every iteration, the paper)", default=1)
     guidance_batch: bool = _opt("run the sampler's conditional and unconditional forwards as one batch "
                                 "(--no-guidance-batch: two forwards, the original cost)", default=True)
+    sampler_batch: bool = _opt("run the partial trajectories of an iteration's examples as one batch, each leaving "
+                               "at its own step k (--no-sampler-batch: one example after another, the original cost)",
+                               default=True)
     gradient_checkpointing: bool = _opt(
         "recompute UNet activations in the backward pass: most of the memory of an iteration for about one extra "
         "forward among the ~N/2+3 an iteration runs (--no-gradient-checkpointing to turn off)", default=True)

@@ -30,7 +30,7 @@ from esd.adversary import adversary, image_bank
 from esd.config import ETA_CONVENTION, EraseConfig, adversary_modes
 from esd.distributed import average_gradients, barrier, example_seeds, global_mean
 from esd.errors import NonFiniteLossError
-from esd.examples import Slot, batch_loss, draw_example
+from esd.examples import Slot, batch_loss, draw_examples
 from esd.lora import exported
 from esd.models import default_image_size, model_family, prediction_type, save_esd_weights
 from esd.networks import is_transformer, network
@@ -49,6 +49,7 @@ class EraseResult:
     compvis: Path | None = None  # the CompVis single file, with --save-compvis
     config: EraseConfig | None = None  # as run
     resolution: Resolution | None = None  # the recipe it started from and where each setting came from
+    work: dict[str, float] = field(default_factory=dict)  # images through the network per iteration, by part
 
 
 def parameter_of(pipe, name: str) -> torch.nn.Parameter:
@@ -122,6 +123,7 @@ def erase(cfg: EraseConfig, pipe=None, progress: bool = True,
     s = setup(cfg, pipe, progress, resolution)
     if s.cfg.robust and "inversion" in adversary_modes(s.cfg.robust_adversary) and not s.cfg.erase_from:
         s.bank = image_bank(s)  # the original model's images of the concept, before θ moves
+        s.work.images.clear()  # a one-off at setup, not a cost per iteration
     cfg, pipe, device, d, params = s.cfg, s.pipe, s.device, s.dist, s.params
     progress = progress and d.main
     out = Path(cfg.output or cfg.default_output())
@@ -166,6 +168,7 @@ def erase(cfg: EraseConfig, pipe=None, progress: bool = True,
                 break
 
     result.seconds = state.seconds + time.perf_counter() - start
+    result.work = s.work.per_iteration(checkpointing=cfg.gradient_checkpointing)
     if d.main:
         with autocast(cfg, device):
             finish(cfg, pipe, params, result, before, s.size, write_outputs)
@@ -178,11 +181,12 @@ def train_step(s: Setup, state: resume.TrainState, i: int, out: Path) -> tuple[f
     cfg, d, params = s.cfg, s.dist, state.params
     sample_conds = s.text if cfg.train_text_encoder and cfg.sample_from == "esd" else None
     with autocast(cfg, s.device):
-        batch = [draw_example(cfg, s.conds, s.sampler, s.frozen, s.scheduler, s.latent_shape, slot, s.guidance,
-                              sample_conds) for slot in state.slots]
+        batch = draw_examples(cfg, s.conds, s.sampler, s.frozen, s.scheduler, s.latent_shape, state.slots,
+                              s.guidance, sample_conds)
         if cfg.robust:
-            for n, (slot, example) in enumerate(zip(state.slots, batch, strict=True)):
-                example.adversary = adversary(s, slot, example, n + i, i % cfg.robust_every == 0)
+            with s.work.during("adversary"):
+                for n, (slot, example) in enumerate(zip(state.slots, batch, strict=True)):
+                    example.adversary = adversary(s, slot, example, n + i, i % cfg.robust_every == 0)
         loss = batch_loss(cfg, s.trained, batch, s.text)
     shown = global_mean(loss.detach(), d.world)  # every process sees the same number, and stops together
     if not torch.isfinite(shown):
@@ -192,6 +196,7 @@ def train_step(s: Setup, state: resume.TrainState, i: int, out: Path) -> tuple[f
         raise NonFiniteLossError(f"loss is {shown.item()} at iteration {i + 1}; stopped. {hint}.")
     state.optimizer.zero_grad(set_to_none=True)
     state.scaler.scale(loss).backward()
+    s.work.iterations += 1
     average_gradients(params.values(), d.world)
     state.scaler.step(state.optimizer)
     state.scaler.update()

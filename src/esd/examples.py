@@ -1,9 +1,12 @@
-"""One training example of Algorithm 1, and the loss over a batch of them.
+"""The examples of Algorithm 1, and the loss over a batch of them, in the paper's steps:
 
-`draw_example` draws the concept (and its phrasing), the DDIM step k and z_T, samples x_t with the model being
-trained, picks t in step k's band and builds the Eq. 5 target from the frozen model; with --retain it also
-samples a kept prompt's own x_t beside it. `batch_loss` is the Eq. 5 loss plus the retain term.
-Each `Slot` is one stream of such examples with its own random generators (docs/design.md, "The method").
+    draw          w ~ W (in a phrasing, --contexts), a prompt to keep (--retain/--siblings), k ~ U[0, N), z_T
+    sample_x_t    x_t = DDIM(ε_θ, s, w) from z_T till step k, every example of the iteration in one batched run
+    build_example t in step k's band, the Eq. 5 target from ε*, and ε* of the kept prompt at its own x_t
+    batch_loss    ‖ε_θ(x_t, w, t) − target‖² (+ --retain-weight × the kept prompts' term)
+
+`draw_examples` runs the first three for every slot; each `Slot` is one stream of examples with its own random
+generators, so an example's numbers do not depend on the others' (docs/design.md, "The method").
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from esd.sampling import (
     Denoiser,
     predict_pairs,
     sample_trajectory,
-    sample_until,
+    sample_until_each,
     step_timestep,
 )
 
@@ -39,8 +42,8 @@ class Example:
     t: torch.Tensor  # (1,)
     prompt: Cond  # what ε_θ is conditioned on: the concept (in its phrasing), or the erase-from context
     target: torch.Tensor  # (1, 4, h, w)
-    # With --retain: (r, x_t^r, ε*(x_t^r, r', t)), a prompt to keep, its own x_t and the frozen model's prediction
-    # for r' (r itself; with --anchor-siblings, for an anchor r, its phrasing with a sibling).
+    # With --retain/--siblings: (r, x_t^r, ε*(x_t^r, r, t)), a prompt to keep, its own x_t and the frozen model's
+    # prediction for it.
     retain: tuple[Cond, torch.Tensor, torch.Tensor] | None = None
     text: str = ""  # the text of `prompt` (re-encoded with gradients when the text encoder is trained)
     context: str = "{}"  # the phrasing of the concept ('a red {}'), where a --robust word adversary goes
@@ -58,7 +61,6 @@ class Slot:
     concept: str = ""
     context: str = "{}"  # the phrasing the cached trajectory was sampled with
     kept: str | None = None  # and the retained prompt sampled beside it
-    kept_as: str | None = None  # the prompt whose frozen prediction `kept` is held to (None: `kept` itself)
     trajectory: list[torch.Tensor] = field(default_factory=list)
     uses_left: int = 0
     # --robust: this stream's adversarial embeddings by placement ("prefix", "word"), each warm-started from its last
@@ -71,7 +73,7 @@ class Slot:
     def state_dict(self) -> dict:
         """Everything the slot's next draws depend on (for checkpoints: plain data and CPU tensors)."""
         return {"rng": self.rng.getstate(), "gen": self.gen.get_state(), "concept": self.concept,
-                "context": self.context, "kept": self.kept, "kept_as": self.kept_as,
+                "context": self.context, "kept": self.kept,
                 "trajectory": [x.cpu() for x in self.trajectory],
                 "uses_left": self.uses_left, "adversaries": {k: v.cpu() for k, v in self.adversaries.items()}}
 
@@ -79,67 +81,121 @@ class Slot:
         self.rng.setstate(state["rng"])
         self.gen.set_state(state["gen"])
         self.concept, self.context, self.kept = state["concept"], state["context"], state["kept"]
-        self.kept_as = state.get("kept_as")
         self.trajectory = [x.to(device) for x in state["trajectory"]]
         self.uses_left = state["uses_left"]
         self.adversaries = {k: v.to(device) for k, v in state.get("adversaries", {}).items()}
 
 
-@torch.no_grad()
-def draw_example(cfg: EraseConfig, conds: dict[str, Cond], sampler: Denoiser, frozen: Denoiser, scheduler,
-                 latent_shape: tuple[int, ...], slot: Slot, guidance: float | None = None,
-                 sample_conds: Mapping[str, Cond] | None = None) -> Example:
-    """Draw w (and its phrasing), k and z_T, sample x_t till step k, pick t in step k's band, build the Eq. 5
-    target; with --retain, also draw a prompt to keep and its frozen prediction at the same x_t and t.
-    `guidance`: the sampler's classifier-free guidance scale (default --start-guidance; 1 for a
-    guidance-distilled model, whose guidance is an input of the network instead). `conds` is the frozen model's
-    conditioning; `sample_conds` the sampler's (default the same; the trained encoder's with
-    --train-text-encoder)."""
-    guidance = cfg.start_guidance if guidance is None else guidance
-    sample_conds = conds if sample_conds is None else sample_conds
-    null = conds[""]
+@dataclass
+class Draw:
+    """Algorithm 1's draws for one example, before x_t is sampled: w in its phrasing, the prompt kept beside it,
+    the DDIM step k and the noise z_T (a second row for the kept prompt's own trajectory)."""
+
+    concept: str  # w
+    context: str  # its phrasing, '{}' standing for w
+    kept: str | None  # with --retain/--siblings: the prompt held to ε* this iteration
+    k: int
+    z_T: torch.Tensor | None  # (1 or 2, 4, h, w); None when x_t comes from the slot's cached trajectory
+
+    @property
+    def text(self) -> str:
+        return phrase(self.context, self.concept)
+
+
+def draw(cfg: EraseConfig, slot: Slot, latent_shape: tuple[int, ...], device, dtype) -> Draw:
+    """Steps 1–3: w ~ W (in a phrasing, with --contexts), a prompt to keep, k ~ U[0, N) and z_T ~ N(0, I)."""
     reuse = cfg.trajectory_reuse > 1 and slot.uses_left > 0
     w = slot.concept if reuse else slot.rng.choice(cfg.concepts)
     context = slot.context if reuse else (slot.rng.choice(cfg.contexts) if cfg.contexts else "{}")
-    text = phrase(context, w)
-    prompt_text = cfg.erase_from or text
-    prompt = conds[prompt_text]  # conditions x_t and ε_θ
     pool = retain_pool(cfg.retain or [], cfg.concepts)
-    holds = bool(pool or retain_pool(cfg.siblings or [], cfg.concepts))  # a prompt to keep is drawn
-    kept, kept_as = ((slot.kept, slot.kept_as) if reuse else kept_prompt(cfg, pool, context, slot)) if holds \
-        else (None, None)
-    # With --retain, the kept prompt's own x_t is sampled beside the concept's, from its own noise, in one batch.
-    sampled = Cond.cat(sample_conds[prompt_text], sample_conds[kept]) if holds else sample_conds[prompt_text]
+    holds = bool(pool or retain_pool(cfg.siblings or [], cfg.concepts))
+    kept = (slot.kept if reuse else kept_prompt(cfg, pool, context, slot)) if holds else None
     k = int(torch.randint(cfg.ddim_steps, (1,), generator=slot.gen))
-    device = null.embeds.device
     if reuse:
-        x = slot.trajectory[k]
-    else:
-        z_T = torch.randn(latent_shape, generator=slot.gen).to(device, null.embeds.dtype)
-        if holds:
-            z_T = torch.cat([z_T, torch.randn(latent_shape, generator=slot.gen).to(device, null.embeds.dtype)])
-        if cfg.trajectory_reuse > 1:  # one full run now, read by the next R iterations
-            slot.trajectory = sample_trajectory(sampler, scheduler, z_T, sampled, sample_conds[""], guidance,
+        return Draw(w, context, kept, k, None)
+    rows = 2 if holds else 1  # the kept prompt's x_t is sampled beside the concept's, from its own noise
+    z_T = torch.cat([torch.randn(latent_shape, generator=slot.gen) for _ in range(rows)]).to(device, dtype)
+    return Draw(w, context, kept, k, z_T)
+
+
+@torch.no_grad()
+def sample_x_t(cfg: EraseConfig, draws: list[Draw], slots: list[Slot], sampler: Denoiser, scheduler,
+               sample_conds: Mapping[str, Cond], guidance: float) -> list[torch.Tensor]:
+    """Step 4: x_t of every draw, DDIM (or Euler) with CFG from z_T till step k, by the sampler (ε_θ, the paper;
+    ε* with --sample-from frozen). The draws of one iteration run together, one batched forward per step, each
+    leaving the batch at its own k (`sample_until_each`). With --trajectory-reuse a slot samples one full
+    trajectory and reads x_t from it for that many iterations."""
+    def cond(d: Draw) -> Cond:
+        prompt = sample_conds[cfg.erase_from or d.text]
+        return Cond.cat(prompt, sample_conds[d.kept]) if d.kept is not None else prompt
+
+    xs: list[torch.Tensor | None] = [None] * len(draws)
+    fresh = [i for i, d in enumerate(draws) if d.z_T is not None and cfg.trajectory_reuse == 1]
+    for group in [fresh] if cfg.sampler_batch else [[i] for i in fresh]:  # --no-sampler-batch: one at a time
+        if not group:
+            continue
+        z_T = torch.cat([draws[i].z_T for i in group])
+        ks = [draws[i].k for i in group for _ in range(len(draws[i].z_T))]
+        batch = functools.reduce(Cond.cat, [cond(draws[i]) for i in group])
+        x = sample_until_each(sampler, scheduler, z_T, batch, sample_conds[""], guidance, ks, cfg.guidance_batch)
+        for i, part in zip(group, x.split([len(draws[i].z_T) for i in group]), strict=True):
+            xs[i] = part
+    for i, (d, slot) in enumerate(zip(draws, slots, strict=True)):
+        if d.z_T is not None and cfg.trajectory_reuse > 1:  # one full run now, read by the next R iterations
+            slot.trajectory = sample_trajectory(sampler, scheduler, d.z_T, cond(d), sample_conds[""], guidance,
                                                 cfg.guidance_batch)
-            slot.concept, slot.context, slot.kept, slot.kept_as = w, context, kept, kept_as
+            slot.concept, slot.context, slot.kept = d.concept, d.context, d.kept
             slot.uses_left = cfg.trajectory_reuse
-            x = slot.trajectory[k]
-        else:
-            x = sample_until(sampler, scheduler, z_T, sampled, sample_conds[""], guidance, k, cfg.guidance_batch)
-    slot.uses_left -= 1
+        if xs[i] is None:
+            xs[i] = slot.trajectory[d.k]
+        slot.uses_left -= 1
+    return xs
+
+
+@torch.no_grad()
+def build_example(cfg: EraseConfig, conds: Mapping[str, Cond], frozen: Denoiser, scheduler, d: Draw,
+                  x: torch.Tensor, slot: Slot) -> Example:
+    """Steps 5–6: t in step k's band (or the grid's, --timestep grid) and the frozen model's Eq. 5 target at x_t;
+    with a kept prompt, also ε* of the kept prompt at its own x_t."""
     x_t, x_kept = x[:1], x[1:]
-    t = torch.tensor([step_timestep(k, scheduler, slot.gen, cfg.timestep)], device=device)
-    named = {"start": conds[guidance_start(cfg, context)], "concept": conds[text]}
+    t = torch.tensor([step_timestep(d.k, scheduler, slot.gen, cfg.timestep)], device=x.device)
+    prompt_text = cfg.erase_from or d.text
+    named = {"start": conds[guidance_start(cfg, d.context)], "concept": conds[d.text]}
     if cfg.erase_from:
-        named["context"] = prompt
+        named["context"] = conds[prompt_text]
     xs = [x_t] * len(named)
-    if holds:
-        named["retain"] = conds[kept_as or kept]
+    if d.kept is not None:
+        named["retain"] = conds[d.kept]
         xs.append(x_kept)
     eps = dict(zip(named, predict_pairs(frozen, xs, t, list(named.values()), cfg.guidance_batch), strict=True))
     target = esd_target(eps["start"], eps["concept"], cfg.eta, eps.get("context"))
-    retain = (conds[kept], x_kept, eps["retain"]) if holds else None
-    return Example(w, k, x_t, t, prompt, target, retain, prompt_text, context, kept, eps["concept"])
+    retain = (conds[d.kept], x_kept, eps["retain"]) if d.kept is not None else None
+    return Example(d.concept, d.k, x_t, t, conds[prompt_text], target, retain, prompt_text, d.context, d.kept,
+                   eps["concept"])
+
+
+def draw_examples(cfg: EraseConfig, conds: Mapping[str, Cond], sampler: Denoiser, frozen: Denoiser, scheduler,
+                  latent_shape: tuple[int, ...], slots: list[Slot], guidance: float | None = None,
+                  sample_conds: Mapping[str, Cond] | None = None) -> list[Example]:
+    """One example per slot, Algorithm 1's steps in order: draw (w, k, z_T), sample x_t, build t and the target.
+
+    `guidance`: the sampler's classifier-free guidance scale (default --start-guidance; 1 for a guidance-distilled
+    model, whose guidance is an input of the network instead). `conds` is the frozen model's conditioning;
+    `sample_conds` the sampler's (default the same; the trained encoder's with --train-text-encoder)."""
+    guidance = cfg.start_guidance if guidance is None else guidance
+    sample_conds = conds if sample_conds is None else sample_conds
+    null = conds[""].embeds
+    draws = [draw(cfg, slot, latent_shape, null.device, null.dtype) for slot in slots]
+    xs = sample_x_t(cfg, draws, slots, sampler, scheduler, sample_conds, guidance)
+    return [build_example(cfg, conds, frozen, scheduler, d, x, slot)
+            for d, x, slot in zip(draws, xs, slots, strict=True)]
+
+
+def draw_example(cfg: EraseConfig, conds: Mapping[str, Cond], sampler: Denoiser, frozen: Denoiser, scheduler,
+                 latent_shape: tuple[int, ...], slot: Slot, guidance: float | None = None,
+                 sample_conds: Mapping[str, Cond] | None = None) -> Example:
+    """One example of one slot (`draw_examples` with a single slot)."""
+    return draw_examples(cfg, conds, sampler, frozen, scheduler, latent_shape, [slot], guidance, sample_conds)[0]
 
 
 def guidance_start(cfg: EraseConfig, context: str) -> str:
@@ -156,18 +212,17 @@ def guidance_start(cfg: EraseConfig, context: str) -> str:
     return phrase(context, siblings[contexts.index(context) % len(siblings)])
 
 
-def kept_prompt(cfg: EraseConfig, pool: list[str], context: str, slot: Slot) -> tuple[str, str | None]:
-    """The prompt held to ε* this iteration, and the prompt whose ε* it is held to (None: itself): a --retain
-    prompt, or with --siblings, half the time the iteration's own phrasing with a sibling concept in place of the
-    erased one ("red square" while erasing "red circle").
+def kept_prompt(cfg: EraseConfig, pool: list[str], context: str, slot: Slot) -> str:
+    """The prompt held to ε* this iteration: a --retain prompt, or with --siblings, half the time the iteration's
+    own phrasing with a sibling concept in place of the erased one ("red square" while erasing "red circle").
 
     The siblings are what an edit of the concept's phrasings is likeliest to move: they share every other word,
     and in a text encoder where concept words are nearly collinear, most of the concept word too.
     """
     siblings = retain_pool(cfg.siblings or [], cfg.concepts)
     if siblings and (not pool or slot.rng.random() < 0.5):
-        return phrase(context, slot.rng.choice(siblings)), None
-    return slot.rng.choice(pool), None
+        return phrase(context, slot.rng.choice(siblings))
+    return slot.rng.choice(pool)
 
 
 def batch_loss(cfg: EraseConfig, trained: Denoiser, batch: list[Example], text: TextConds | None = None) -> torch.Tensor:

@@ -33,6 +33,13 @@ class Cond:
     def to(self, device: torch.device | str) -> Cond:
         return Cond(self.embeds.to(device), {k: v.to(device) for k, v in self.added.items()})
 
+    def rows(self, index: Tensor) -> Cond:
+        """The conditioning of some rows of a batch (a one-row Cond stands for every row)."""
+        if len(self.embeds) == 1:
+            return self.repeat(len(index))
+        return Cond(self.embeds[index], {k: v[index] if len(v) == len(self.embeds) else v
+                                         for k, v in self.added.items()})
+
     @staticmethod
     def cat(a: Cond, b: Cond) -> Cond:
         return Cond(torch.cat([a.embeds, b.embeds]), {k: torch.cat([a.added[k], b.added[k]]) for k in a.added})

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from esd.config import EraseConfig
+from esd.cost import WorkCounter
 from esd.distributed import Dist, device_for, init_from_env
 from esd.errors import EsdError
 from esd.examples import prompts_needed
@@ -102,9 +103,8 @@ class Setup:
     # --robust-adversary inversion: the original model's images of the concept, (concept, phrasing, latent)
     bank: list[tuple[str, str, torch.Tensor]] = field(default_factory=list)
 
-    @property
-    def sampler(self) -> Denoiser:
-        return self.trained if self.cfg.sample_from == "esd" else self.frozen
+    sampler: Denoiser | None = None  # what samples x_t: ε_θ (the paper) or ε* (--sample-from frozen)
+    work: WorkCounter = field(default_factory=WorkCounter)  # images through the network, by part (esd.cost)
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
@@ -164,5 +164,8 @@ def setup(cfg: EraseConfig, pipe=None, progress: bool = True, resolution: Resolu
     if cfg.robust and not cfg.retain and progress:
         tqdm.write("--robust without --retain: nothing holds the rest of the model while the adversary pushes the "
                    "erase wider; pass --retain with prompts to keep (AdvUnlearn holds a set of captions)")
-    return Setup(cfg=cfg, pipe=pipe, device=device, dist=d, params=params, trained=trained, frozen=frozen,
-                 scheduler=scheduler, conds=conds, size=size, guidance=guidance, text=text)
+    work = WorkCounter()  # each denoiser counts the images it is given, under the part of the iteration it serves
+    sampler = work.wrap(trained if cfg.sample_from == "esd" else frozen, "sampler")
+    return Setup(cfg=cfg, pipe=pipe, device=device, dist=d, params=params, trained=work.wrap(trained, "trained forward"),
+                 frozen=work.wrap(frozen, "frozen targets"), scheduler=scheduler, conds=conds, size=size,
+                 guidance=guidance, text=text, sampler=sampler, work=work)

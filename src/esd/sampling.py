@@ -136,6 +136,39 @@ def sample_until(eps: Denoiser, scheduler: DDIMScheduler, z_T: Tensor, cond: Con
     return next(itertools.islice(states, n - 1 - k, None))
 
 
+@torch.no_grad()
+def sample_until_each(eps: Denoiser, scheduler, z_T: Tensor, cond: Cond, uncond: Cond, guidance: float,
+                      ks: list[int], batched: bool = True) -> Tensor:
+    """`sample_until` for a batch whose rows stop at their own steps: row i of z_T (conditioned on row i of `cond`)
+    is returned at the noise level of step `ks[i]`.
+
+    Every row starts from pure noise on the same grid, so after j updates all rows still running sit at the same
+    timestep: one batched forward per step serves them all, and a row leaves the batch once it has had its
+    N−1−k updates. The sequential steps of an iteration go from Σ(N−1−k) to max(N−1−k); each row gets exactly the
+    updates `sample_until` would give it (equal up to the rounding of a larger batch)."""
+    n = len(scheduler.timesteps)
+    if any(not 0 <= k < n for k in ks):
+        raise ValueError(f"DDIM steps {ks} outside [0, {n})")
+    todo = [n - 1 - k for k in ks]
+    flow = is_flow(scheduler)
+    sigmas = scheduler.sigmas.tolist() if flow else None
+    x = z_T.clone() if flow else z_T * scheduler.init_noise_sigma
+    for j, t in enumerate(scheduler.timesteps[:-1]):
+        rows = [i for i, left in enumerate(todo) if left > j]
+        if not rows:
+            break
+        index = torch.tensor(rows, device=x.device)
+        part, c = x[index], cond.rows(index)
+        if flow:  # Euler on the sigma grid, as `_flow_states`
+            out = guided(eps, part, t.expand(len(part)).to(x.device), c, uncond, guidance, batched)
+            x[index] = part + (sigmas[j + 1] - sigmas[j]) * out
+        else:
+            out = guided(eps, scheduler.scale_model_input(part, t), t.expand(len(part)).to(x.device), c, uncond,
+                         guidance, batched)
+            x[index] = scheduler.step(out, t, part).prev_sample
+    return x
+
+
 def _flow_states(eps: Denoiser, scheduler, z_T: Tensor, cond: Cond, uncond: Cond, guidance: float,
                  batched: bool) -> Iterator[Tensor]:
     """The flow-matching Euler run from pure noise (σ_0 = 1): z_T, then the state at each next sigma of the grid
