@@ -203,3 +203,13 @@ def test_the_card_header_is_read_by_huggingface_hub(tiny_pipe_dir, tmp_path):
     data = ModelCard(f"---\n{header}\n---\n# x\n").data
     assert data.base_model == "stabilityai/stable-diffusion-xl-base-1.0" and data.license == "openrail++"
     assert {"stable-diffusion-xl", "lora"} <= set(data.tags)
+
+
+def test_a_method_the_recipe_was_not_measured_with_is_flagged(folder):
+    """A recipe names its method: ESD-u over the shape recipe (measured with ESD-x) runs, with a warning."""
+    res = resolve({"concept": "circle", "method": "esd-u"}, folder)  # the folder's shape recipe trains noxattn
+    assert res.method_warning() is None
+    res = resolve({"concept": "circle", "method": "xattn"}, folder)
+    assert "measured with --method noxattn; --method xattn runs" in res.lines()[-1]
+    assert resolve({"concept": "Van Gogh", "method": "noxattn"}, None).method_warning() is None  # the paper's two
+    assert "xattn or noxattn" in resolve({"concept": "Van Gogh", "method": "full"}, None).method_warning()

@@ -43,6 +43,7 @@ class Recipe:
     measured: str
     settings: dict
     path: Path | None = None
+    methods: tuple[str, ...] = ()  # the methods it was measured (or published) with; default: its own method
 
 
 @dataclass
@@ -68,10 +69,20 @@ class Resolution:
         return out
 
     def lines(self) -> list[str]:
-        """What `esd erase` prints before training: the recipe, then one line per setting changed from the paper."""
+        """What `esd erase` prints before training: the recipe, one line per setting changed from the paper, and a
+        warning when the method given is not the one the recipe was measured with."""
         head = f"recipe: {self.recipe.name} ({self.chosen_by}) — {self.recipe.description}"
         rows = self.changes(run_fields=False).items()
-        return [head] + [f"  {name} = {brief(value)}    [{source}]" for name, (value, source) in rows]
+        return [head] + [f"  {name} = {brief(value)}    [{source}]" for name, (value, source) in rows] + (
+            [warning] if (warning := self.method_warning()) else [])
+
+    def method_warning(self) -> str | None:
+        """A recipe is measured with its method: another --method runs its other settings untested."""
+        measured = self.recipe.methods
+        if measured and self.sources.get("method") == "flag" and self.config.method not in measured:
+            return (f"warning: recipe {self.recipe.name} was measured with --method {' or '.join(measured)}; "
+                    f"--method {self.config.method} runs its other settings (lr, iterations, ...) unmeasured for it")
+        return None
 
 
 def brief(value) -> str:
@@ -82,7 +93,8 @@ def brief(value) -> str:
 
 
 def read_recipe(path: Path) -> Recipe:
-    """A recipe file, checked: JSON with known fields only."""
+    """A recipe file, checked: JSON with known fields only. An optional "methods" list names every method the
+    recipe was measured or published with (the paper's: ESD-x and ESD-u)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as err:
@@ -97,8 +109,9 @@ def read_recipe(path: Path) -> Recipe:
     unknown = sorted(set(data["settings"]) - known)
     if unknown:
         raise EsdError(f"recipe {path}: unknown settings {unknown}; `esd erase --help` lists the settings")
+    methods = tuple(EraseConfig(method=m).method for m in data.get("methods", [data["settings"].get("method", "xattn")]))
     return Recipe(path.stem, str(data.get("description", "")), str(data.get("measured", "")),
-                  data["settings"], path)
+                  data["settings"], path, methods)
 
 
 def model_folder(model: str | None) -> Path | None:
