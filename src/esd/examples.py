@@ -112,10 +112,10 @@ def draw(cfg: EraseConfig, slot: Slot, latent_shape: tuple[int, ...], device, dt
     kept = (slot.kept if reuse else kept_prompt(cfg, pool, context, slot)) if holds else None
     k = int(torch.randint(cfg.ddim_steps, (1,), generator=slot.gen))
     if reuse:
-        return Draw(w, context, kept, k, None)
+        return Draw(concept=w, context=context, kept=kept, k=k, z_T=None)
     rows = 2 if holds else 1  # the kept prompt's x_t is sampled beside the concept's, from its own noise
     z_T = torch.cat([torch.randn(latent_shape, generator=slot.gen) for _ in range(rows)]).to(device, dtype)
-    return Draw(w, context, kept, k, z_T)
+    return Draw(concept=w, context=context, kept=kept, k=k, z_T=z_T)
 
 
 @torch.no_grad()
@@ -170,8 +170,8 @@ def build_example(cfg: EraseConfig, conds: Mapping[str, Cond], frozen: Denoiser,
     eps = dict(zip(named, predict_pairs(frozen, xs, t, list(named.values()), cfg.guidance_batch), strict=True))
     target = esd_target(eps["start"], eps["concept"], cfg.eta, eps.get("context"))
     retain = (conds[d.kept], x_kept, eps["retain"]) if d.kept is not None else None
-    return Example(d.concept, d.k, x_t, t, conds[prompt_text], target, retain, prompt_text, d.context, d.kept,
-                   eps["concept"])
+    return Example(concept=d.concept, k=d.k, x_t=x_t, t=t, prompt=conds[prompt_text], target=target, retain=retain,
+                   text=prompt_text, context=d.context, retain_text=d.kept, concept_eps=eps["concept"])
 
 
 def draw_examples(cfg: EraseConfig, conds: Mapping[str, Cond], sampler: Denoiser, frozen: Denoiser, scheduler,
