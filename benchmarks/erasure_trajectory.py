@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from esd.cli import add_config_arguments, given_settings
 from esd.erase import erase
+from esd.flags import add_config_arguments, given_settings
 from esd.models import TESTBED, load_pipeline
 from esd.recipes import resolve
 from esd.selection import trainable_names

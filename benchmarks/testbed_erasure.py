@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from esd.app_runs import run_metadata
-from esd.cli import add_config_arguments, given_settings
+from esd.flags import add_config_arguments, given_settings
 from esd.models import TESTBED, load_pipeline
 from esd.recipes import resolve
 from esd.testbed.evaluate import CONCEPTS, evaluate_testbed, summarise
