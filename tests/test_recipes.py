@@ -213,3 +213,11 @@ def test_a_method_the_recipe_was_not_measured_with_is_flagged(folder):
     assert "measured with --method noxattn; --method xattn runs" in res.lines()[-1]
     assert resolve({"concept": "Van Gogh", "method": "noxattn"}, None).method_warning() is None  # the paper's two
     assert "xattn or noxattn" in resolve({"concept": "Van Gogh", "method": "full"}, None).method_warning()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_devices_without_cuda_names_the_flag_given(tmp_path, capsys):
+    assert main(["erase", "--concept", "x", "--devices", "0,1", "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "--devices: 0 needs CUDA" in err and "--device cuda" not in err and "leave --devices out" in err
+    assert not (tmp_path / "out").exists()
