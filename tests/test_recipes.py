@@ -221,3 +221,10 @@ def test_devices_without_cuda_names_the_flag_given(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--devices: 0 needs CUDA" in err and "--device cuda" not in err and "leave --devices out" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_grid_shows_every_grid_prompt_that_does_not_name_the_concept():
+    from esd.artifacts import grid_spec
+
+    cfg = EraseConfig(concept="circle", grid_prompts=["a blue square", "a green circle, outlined", "red", "a dotted x"])
+    assert grid_spec(None, cfg) == ["circle", "a blue square", "red", "a dotted x"]  # none cut, none naming circle
