@@ -19,6 +19,7 @@ from esd.config import HELP_GROUPS, EraseConfig
 from esd.errors import EsdError, NonFiniteLossError
 from esd.evaluate import command as evaluate_command
 from esd.evaluate.generate import DEFAULT_GUIDANCE, DEFAULT_STEPS
+from esd.export import LAYOUTS
 from esd.flags import add_config_arguments, given_settings
 from esd.helpformat import GroupedHelpFormatter
 from esd.recipes import command as recipes_command
@@ -94,10 +95,18 @@ def add_convert_command(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("src", help="CompVis .ckpt/.safetensors file or diffusers pipeline folder")
     parser.add_argument("dst", help="output: a .safetensors/.ckpt file, or a new folder")
     parser.add_argument("--weights", default=None, help="ESD weights file (safetensors, diffusers UNet names)")
-    parser.add_argument("--to", choices=TO_CHOICES, default=None,
+    parser.add_argument("--to", choices=TO_CHOICES + LAYOUTS, default=None,
                         help="output format (default: comfyui when DST ends in .safetensors/.ckpt, else diffusers). "
                         "comfyui: one file ComfyUI reads — the CompVis checkpoint for SD1.x/SD2.x/SDXL (as "
-                        "compvis), the transformer for SD3/FLUX (its Load Diffusion Model node)")
+                        "compvis), the transformer for SD3/FLUX (its Load Diffusion Model node). With SRC an "
+                        "esd.safetensors: kohya (the LoRA layout AUTOMATIC1111/Forge, ComfyUI and kohya's sd-scripts "
+                        "read; SD1.x/SD2.x/SDXL) or lora (diffusers' LoRA layout)")
+    parser.add_argument("--extract-lora", type=int, default=None, metavar="R",
+                        help="with --to kohya|lora and a weight erase (not a LoRA run): write a rank-R LoRA of the "
+                        "change (per-layer SVD) and report the error at each rank")
+    parser.add_argument("--model", default=None,
+                        help="with --extract-lora: the base model the erase was made from (default: the one the "
+                        "weights file names in its metadata)")
     parser.add_argument("--config", default=None,
                         help="for a CompVis SRC: a diffusers config folder or LDM yaml (default: detected "
                         f"from the weights; shipped: {', '.join(FAMILIES)})")
@@ -139,8 +148,27 @@ def run_convert(args: argparse.Namespace) -> int:
     """Convert and say where the result is. `EsdError`s propagate to `main`'s handler."""
     from esd.compvis import convert
 
+    if args.to in LAYOUTS or args.extract_lora is not None:
+        return run_export(args)
+    if args.model is not None:
+        raise EsdError("--model is for --extract-lora; for a model conversion SRC is the model")
     dst = convert(args.src, args.dst, weights=args.weights, to=args.to, config=args.config)
     print(f"wrote {dst}")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """`esd convert ESD.safetensors --to kohya|lora DST [--extract-lora R]`: the erase as a LoRA file."""
+    from esd.export import export_lora
+
+    if args.to not in LAYOUTS:
+        raise EsdError(f"--extract-lora writes a LoRA file: add --to {' or --to '.join(LAYOUTS)}")
+    if args.weights is not None or args.config is not None:
+        raise EsdError("--weights/--config are for model conversions; for --to kohya|lora SRC is the esd.safetensors")
+    dst, report = export_lora(args.src, args.dst, args.to, rank=args.extract_lora, model=args.model)
+    for line in report.lines() if report else []:
+        print(line)
+    print(f"wrote {dst} ({args.to} layout)")
     return 0
 
 
