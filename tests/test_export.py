@@ -158,3 +158,38 @@ def test_padding_a_narrow_layer_keeps_its_update():
         down, up = lowrank.padded(*lowrank.extract(delta, lowrank.max_rank(shape)), 8)
         assert down.shape[0] == up.shape[1] == 8
         torch.testing.assert_close(lowrank.product(down, up), delta)
+
+
+def test_save_kohya_writes_the_lora_beside_the_weights_and_the_card_says_what_half_precision_keeps(
+        tmp_path, tiny_pipe_dir, capsys):
+    _erase(tiny_pipe_dir, tmp_path / "lora", "--lora-rank", "2", "--save-kohya")
+    kohya_file = tmp_path / "lora" / "esd-kohya.safetensors"
+    assert sorted(load_file(str(kohya_file))) == sorted(
+        f"lora_unet_{m.removeprefix('unet.').replace('.', '_')}.{leaf}"
+        for m in {k.rsplit(".lora_", 1)[0] for k in load_file(str(tmp_path / "lora" / "esd.safetensors"))}
+        for leaf in ("alpha", "lora_down.weight", "lora_up.weight"))
+    assert "`esd-kohya.safetensors`" in (tmp_path / "lora" / "README.md").read_text()
+
+    _erase(tiny_pipe_dir, tmp_path / "weights")  # a weight erase: the card gives the share kept in fp16 and bf16
+    card = (tmp_path / "weights" / "README.md").read_text()
+    row = next(line for line in card.splitlines() if line.startswith("| in half precision |"))
+    assert "a copy in fp16 keeps" in row and "a copy in bf16 keeps" in row
+    assert main(["erase", "--model", str(tiny_pipe_dir), *ERASE, "--output", str(tmp_path / "x"), "--save-kohya"]) == 2
+    assert "add --lora-rank R" in capsys.readouterr().err
+
+
+def test_a_half_precision_compvis_file_reports_the_share_of_the_erase_it_keeps(tmp_path, tiny_pipe_dir, capsys):
+    """A 1-iteration erase at a tiny lr is a change far below fp16's spacing: the file keeps almost none of it."""
+    base16 = tmp_path / "base16.safetensors"
+    assert main(["convert", str(tiny_pipe_dir), str(tmp_path / "base32.safetensors")]) == 0
+    state = load_file(str(tmp_path / "base32.safetensors"))
+    save_file({k: v.half() for k, v in state.items()}, str(base16))
+    config = ["--config", str(tiny_pipe_dir)]  # a tiny model's CompVis file: its shapes are not SD1's
+    assert main(["erase", "--model", str(base16), *config, *ERASE, "--lr", "1e-7", "--iterations", "1",
+                 "--output", str(tmp_path / "small")]) == 0
+    capsys.readouterr()
+    assert main(["convert", str(base16), str(tmp_path / "erased16.safetensors"), *config, "--weights",
+                 str(tmp_path / "small" / "esd.safetensors")]) == 0
+    out = capsys.readouterr()
+    kept = float(out.out.split("which keeps ")[1].split("%")[0])
+    assert kept < 50 and "most of the erase is rounded away in float16" in out.err

@@ -129,6 +129,15 @@ image = pipe("{cfg.concepts[0]}").images[0]
 ```"""
 
 
+def half_line(half: dict[str, tuple[float, float]] | None, cfg: EraseConfig) -> str:
+    """The card's figure for a half-precision copy: the share of the erase's change it keeps (esd.lowrank.kept_in)."""
+    if half is None:
+        return ("a LoRA: the change stays apart from the weights until it is merged" if cfg.lora_rank else
+                "not measured (θ too large to keep a copy of); `esd convert` measures it when it writes a half-precision file")
+    return "; ".join(f"a copy in {name} keeps {kept:.1%} of the change (rounding error {ratio:.2f}x the change)"
+                     for name, (kept, ratio) in half.items())
+
+
 def work_line(work: dict[str, float]) -> str:
     """Images through the denoising network per iteration, by part (esd.cost), as one line."""
     if not work:
@@ -234,6 +243,8 @@ Erased with [ESD](https://arxiv.org/abs/2303.07345) (Gandikota et al., ICCV 2023
 | final loss (mean of last 20) | {final:.5f} |
 | wall time | {result.seconds:.1f} s |
 | CompVis single file | {f"`{result.compvis.name}` (for AUTOMATIC1111/ComfyUI)" if result.compvis else "— (`--save-compvis` writes one)"} |
+| kohya LoRA file | {f"`{result.kohya.name}` (AUTOMATIC1111/Forge, ComfyUI, kohya's sd-scripts)" if result.kohya else "— (`--save-kohya` with `--lora-rank`; for a weight erase `esd convert esd.safetensors --to kohya DST --extract-lora R`)"} |
+| in half precision | {half_line(result.half, cfg)} |
 
 ## Settings
 

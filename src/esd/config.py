@@ -96,7 +96,8 @@ HELP_GROUPS = {
     "robust erasing (--robust)": ("robust", "robust_adversary", "robust_images", "robust_tokens",
                                   "robust_steps", "robust_every", "robust_lr"),
     "outputs and checkpoints": ("output", "grid_prompts", "grid_steps", "save_every", "save_every_seconds",
-                                "checkpoints_total_limit", "resume", "overwrite", "save_compvis", "compvis_format"),
+                                "checkpoints_total_limit", "resume", "overwrite", "save_compvis", "compvis_format",
+                                "save_kohya"),
 }
 
 
@@ -229,6 +230,10 @@ class EraseConfig:
                               "a CompVis base keeps all its other tensors", default=False)
     compvis_format: Literal["safetensors", "ckpt"] = _opt("file format of --save-compvis", default="safetensors",
                                                           meta={"choices": ["safetensors", "ckpt"]})
+    save_kohya: bool = _opt("also write the LoRA in kohya's layout as esd-kohya.safetensors (AUTOMATIC1111/Forge, "
+                            "ComfyUI, kohya's sd-scripts); needs --lora-rank and an SD1.x/SD2.x/SDXL model (a weight "
+                            "erase converts afterwards: esd convert OUTPUT/esd.safetensors --to kohya DST "
+                            "--extract-lora R)", default=False)
     output: str | None = _opt("output folder (default: outputs/esd-<concept>-<method>)", default=None)
     grid_prompts: list[str] | None = _opt("prompts shown in grid.png below the concept's own rows, to see what "
                                           "else changed (default: the model folder's, or three generic ones)",
@@ -287,6 +292,9 @@ class EraseConfig:
         if self.train_text_encoder and self.lora_rank is not None:
             raise EsdError("--train-text-encoder trains full text-encoder weights; leave out --lora-rank "
                            "(LoRA covers the denoising network only)")
+        if self.save_kohya and self.lora_rank is None:
+            raise EsdError("--save-kohya writes a LoRA: add --lora-rank R, or erase the weights and extract a LoRA "
+                           "afterwards with `esd convert OUTPUT/esd.safetensors --to kohya DST --extract-lora R`")
         if self.lora_rank is not None and self.lora_rank < 1:
             raise EsdError(f"--lora-rank must be >= 1, got {self.lora_rank}; leave it out to train full weights")
         if not math.isfinite(self.retain_weight) or self.retain_weight < 0:

@@ -32,6 +32,7 @@ from esd.distributed import average_gradients, barrier, example_seeds, global_me
 from esd.errors import NonFiniteLossError
 from esd.examples import Slot, batch_loss, draw_examples
 from esd.lora import exported
+from esd.lowrank import kept_in
 from esd.models import default_image_size, model_family, prediction_type, save_esd_weights
 from esd.networks import is_transformer, network
 from esd.prepare import Setup, autocast, setup
@@ -47,6 +48,8 @@ class EraseResult:
     seconds: float = 0.0
     stopped_early: bool = False
     compvis: Path | None = None  # the CompVis single file, with --save-compvis
+    kohya: Path | None = None  # the LoRA in kohya's layout, with --save-kohya
+    half: dict[str, tuple[float, float]] | None = None  # {"fp16"/"bf16": (share of the change kept, error)}
     config: EraseConfig | None = None  # as run
     resolution: Resolution | None = None  # the recipe it started from and where each setting came from
     work: dict[str, float] = field(default_factory=dict)  # images through the network per iteration, by part
@@ -171,7 +174,7 @@ def erase(cfg: EraseConfig, pipe=None, progress: bool = True,
     result.work = s.work.per_iteration(checkpointing=cfg.gradient_checkpointing)
     if d.main:
         with autocast(cfg, device):
-            finish(cfg, pipe, params, result, before, s.size, write_outputs)
+            finish(cfg, pipe, params, result, before, s.size, write_outputs, s.base)
     barrier(d)
     return result
 
@@ -206,9 +209,13 @@ def train_step(s: Setup, state: resume.TrainState, i: int, out: Path) -> tuple[f
     return shown.item(), batch[0].concept
 
 
-def finish(cfg: EraseConfig, pipe, params, result: EraseResult, before, size: int, write_outputs) -> None:
-    """Final weights, the optional CompVis file, and the card, plot and grid beside them."""
+def finish(cfg: EraseConfig, pipe, params, result: EraseResult, before, size: int, write_outputs,
+           base: dict[str, torch.Tensor] | None = None) -> None:
+    """Final weights, the optional CompVis and kohya files, and the card, plot and grid beside them."""
     out = result.output
+    if base is not None:  # how much of the change a half-precision copy of the model would keep
+        result.half = {name: kept_in(base, {n: p.detach().cpu() for n, p in params.items()}, dtype)
+                       for name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16))}
     metadata = esd_metadata(cfg, pipe, len(result.losses), result.trained)
     save_esd_weights(out / "esd.safetensors", exported(params, metadata), metadata)
     if cfg.save_compvis:
@@ -217,6 +224,10 @@ def finish(cfg: EraseConfig, pipe, params, result: EraseResult, before, size: in
         dtype = torch.float32 if cfg.precision != "fp32" else None  # one precision in the file (θ is fp32)
         result.compvis = export_pipeline(pipe, out / f"compvis.{cfg.compvis_format}", base_file=cfg.model,
                                          dtype=dtype, text_encoder=cfg.train_text_encoder)
+    if cfg.save_kohya:
+        from esd.export import export_lora
+
+        result.kohya, _ = export_lora(out / "esd.safetensors", out / "esd-kohya.safetensors", "kohya")
     write_outputs(out, cfg, pipe, result, before, size)
     if len(result.losses) >= cfg.iterations:  # done: esd.safetensors supersedes the checkpoints
         for path in resume.checkpoints(out):

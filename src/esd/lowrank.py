@@ -17,6 +17,8 @@ import math
 import torch
 from torch import Tensor
 
+HALF_KEPT_LOW = 0.5  # below this share of the change kept in half precision, a warning names the fixes
+
 
 def max_rank(shape: torch.Size | tuple[int, ...]) -> int:
     """The largest rank a LoRA of a layer with weight `shape` can have: min(out, in·k·k)."""

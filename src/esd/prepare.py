@@ -20,6 +20,7 @@ from esd.distributed import Dist, device_for, init_from_env
 from esd.errors import EsdError
 from esd.examples import prompts_needed
 from esd.frozen import copied_denoiser, original_values, swapped_denoiser
+from esd.kohya import FAMILIES as KOHYA_FAMILIES
 from esd.lora import add_lora
 from esd.models import (
     default_image_size,
@@ -84,6 +85,9 @@ def autocast(cfg: EraseConfig, device: torch.device):
     return torch.autocast(device.type, dtype=PRECISIONS[cfg.precision])
 
 
+HALF_CHECK_MAX = 200_000_000  # θ up to this many parameters keeps a CPU copy of its start for the card (0.8 GB)
+
+
 @dataclass
 class Setup:
     """Everything the loop needs, prepared once: models, device, scheduler, text conditioning."""
@@ -105,6 +109,7 @@ class Setup:
 
     sampler: Denoiser | None = None  # what samples x_t: ε_θ (the paper) or ε* (--sample-from frozen)
     work: WorkCounter = field(default_factory=WorkCounter)  # images through the network, by part (esd.cost)
+    base: dict[str, torch.Tensor] | None = None  # θ before training, on the CPU (weight erases up to HALF_CHECK_MAX)
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
@@ -136,6 +141,9 @@ def setup(cfg: EraseConfig, pipe=None, progress: bool = True, resolution: Resolu
         raise EsdError(f"--save-compvis: no CompVis layout for {family.upper()}; leave the flag out and, for "
                        "ComfyUI, write the erased transformer afterwards with `esd convert MODEL out.safetensors "
                        "--weights OUTPUT/esd.safetensors`")
+    if cfg.save_kohya and family not in KOHYA_FAMILIES:
+        raise EsdError(f"--save-kohya: kohya's LoRA layout covers SD1.x, SD2.x and SDXL, not {family.upper()}; "
+                       "leave the flag out: esd.safetensors is already a LoRA in diffusers' layout")
     if (cfg.robust or cfg.train_text_encoder) and family not in ("sd1", "sd2"):
         flag = "--robust" if cfg.robust else "--train-text-encoder"
         raise EsdError(f"{flag} supports SD1.x/SD2.x pipelines (one CLIP text encoder); this one is {family}")
@@ -146,6 +154,9 @@ def setup(cfg: EraseConfig, pipe=None, progress: bool = True, resolution: Resolu
             getattr(pipe, part).to(device, PRECISIONS[cfg.precision] if half and not trains else None)
     if cfg.train_text_encoder:
         params = {**params, **text_encoder_params(pipe.text_encoder)}
+    base = None  # θ's values before training, for the card's half-precision figure (esd.lowrank.kept_in)
+    if not cfg.lora_rank and sum(p.numel() for p in params.values()) <= HALF_CHECK_MAX:
+        base = {name: p.detach().to("cpu", copy=True) for name, p in params.items()}
     size = cfg.image_size or default_image_size(pipe)
     side = size // pipe.vae_scale_factor
     if family in ("flux", "flux2") and side % 2:
@@ -168,4 +179,4 @@ def setup(cfg: EraseConfig, pipe=None, progress: bool = True, resolution: Resolu
     sampler = work.wrap(trained if cfg.sample_from == "esd" else frozen, "sampler")
     return Setup(cfg=cfg, pipe=pipe, device=device, dist=d, params=params, trained=work.wrap(trained, "trained forward"),
                  frozen=work.wrap(frozen, "frozen targets"), scheduler=scheduler, conds=conds, size=size,
-                 guidance=guidance, text=text, sampler=sampler, work=work)
+                 guidance=guidance, text=text, sampler=sampler, work=work, base=base)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -30,8 +31,16 @@ from esd.compvis.reading import (
     use_ema_weights,
 )
 from esd.errors import EsdError
+from esd.lowrank import HALF_KEPT_LOW
 from esd.networks import is_transformer, network
-from esd.weights import apply_esd_weights, atomic_path, has_text_encoder_delta
+from esd.weights import (
+    apply_esd_weights,
+    atomic_path,
+    full_tensors,
+    has_text_encoder_delta,
+    load_esd_weights,
+    split_text_encoder,
+)
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +244,29 @@ def _save_folder(model, dst: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _trained_values(net, weights: str | Path) -> dict[str, Tensor]:
+    """Copies of the network parameters a weights file sets (a LoRA file: the layers it adapts), before it is applied."""
+    tensors, metadata = load_esd_weights(weights)
+    names = full_tensors(net, split_text_encoder(tensors)[0], metadata, weights)
+    return {name: net.get_parameter(name).detach().clone() for name in names}
+
+
+def report_half_precision(before: dict[str, Tensor], net, dtype: torch.dtype, dst: Path) -> float:
+    """Print the share of the erase's change a file in `dtype` keeps (`esd.lowrank.kept_in`); warn when it is low."""
+    from esd.lowrank import kept_in
+
+    after = {name: net.get_parameter(name).detach() for name in before}
+    kept, ratio = kept_in(before, after, dtype)
+    name = str(dtype).removeprefix("torch.")
+    print(f"{dst.name}: written in the base's {name}, which keeps {kept:.1%} of the erase's change "
+          f"(rounding error {ratio:.2f}x the change)")
+    if kept < HALF_KEPT_LOW:
+        print(f"warning: most of the erase is rounded away in {name}: share it as a LoRA instead (esd convert "
+              "ESD.safetensors --to kohya DST --extract-lora R), write a diffusers folder (--to diffusers, fp32), "
+              "or train longer", file=sys.stderr)
+    return kept
+
+
 def convert(src: str | Path, dst: str | Path, weights: str | Path | None = None, to: str | None = None,
             config: str | Path | None = None, torch_dtype: torch.dtype = torch.float32) -> Path:
     """Convert SRC (CompVis file or diffusers folder), optionally with ESD weights applied, to DST.
@@ -262,10 +294,18 @@ def convert(src: str | Path, dst: str | Path, weights: str | Path | None = None,
         raise EsdError(f"--to comfyui: {src} is a {type(pipe).__name__}; ComfyUI's mapping of diffusers "
                        "transformer names covers SD3 and FLUX.1, not this one, so no such file is written; "
                        "convert to a diffusers folder (--to diffusers) instead")
-    if weights is not None:
-        apply_esd_weights(pipe, weights)  # a LoRA file is merged into the weights
+    out_dtype = None  # the dtype the erased layers are written in, where it is the base's rather than fp32
     if target == "comfyui" and is_transformer(net):
-        write_transformer(net, dst, stored_dtype(src / "transformer") if src.is_dir() else stored_dtype(src))
+        out_dtype = stored_dtype(src / "transformer") if src.is_dir() else stored_dtype(src)
+    elif target in ("compvis", "comfyui") and base is not None:
+        out_dtype = next((v.dtype for k, v in base.items() if k.startswith(UNET_PREFIX)), None)
+    if weights is not None:
+        before = _trained_values(net, weights)
+        apply_esd_weights(pipe, weights)  # a LoRA file is merged into the weights
+        if out_dtype in (torch.float16, torch.bfloat16):
+            report_half_precision(before, net, out_dtype, dst)
+    if target == "comfyui" and is_transformer(net):
+        write_transformer(net, dst, out_dtype)
     elif target in ("compvis", "comfyui"):
         write_pipeline(pipe, dst, base, text_encoder=text_encoder)
     elif target == "diffusers":
