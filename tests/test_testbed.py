@@ -208,3 +208,25 @@ def test_cli_eval_leads_with_the_erased_concept_and_records_the_weights_it_judge
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert (m["judged"]["weights"], m["judged"]["weights_sha256"]) == (str(weights.resolve()), sha256_file(weights))
     assert m["judged"]["model"]
+
+
+def test_testbed_eval_runs_the_quick_protocol_unless_full_is_asked(monkeypatch, tmp_path, capsys):
+    """The quick start's evaluation: 4 seeds x 20 steps by default; --full is 16 x 50; --seeds/--steps go over."""
+    from esd.cli import main
+    from esd.testbed import FULL, QUICK
+    from esd.testbed import evaluate as evaluate_module
+
+    asked = []
+
+    def fake(pipe, output, erased, seeds_per_prompt, steps, **kw):  # records what the command asks for
+        asked.append((seeds_per_prompt, steps))
+        return {"n_images": 94 * seeds_per_prompt, "seeds_per_prompt": seeds_per_prompt, "steps": steps,
+                "erased": None, **{f"{k}_accuracy": 1.0 for k in ("shape", "colour", "style")}}
+
+    monkeypatch.setattr(evaluate_module, "evaluate_testbed", fake)
+    for extra in ([], ["--full"], ["--full", "--seeds", "2"]):
+        assert main(["testbed", "eval", "--device", "cpu", "--output", str(tmp_path), *extra]) == 0
+    assert asked == [QUICK, FULL, (2, FULL[1])] and QUICK == (4, 20) and FULL == (16, 50)
+    out = capsys.readouterr().out
+    assert "4 seeds × 20 steps, the quick protocol; --full for 16 seeds x 50 steps" in out
+    assert "16 seeds × 50 steps, the full protocol" in out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from esd.testbed import DEFAULT_TESTBED
+from esd.testbed import DEFAULT_TESTBED, FULL, QUICK
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -56,12 +56,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     ev.add_argument("--erased", default=None, help="the erased concept: a shape, colour or style word, e.g. circle")
     ev.add_argument("--output", type=Path, required=True, help="folder for metrics.json and grid.png")
-    ev.add_argument("--seeds", "--num-images", dest="seeds", type=int, default=16,
-                    help="seeds (images) per prompt; --num-images is the same setting's name in `esd evaluate`")
+    ev.add_argument("--full", action="store_true",
+                    help=f"the full protocol: {FULL[0]} seeds x {FULL[1]} steps per prompt (about 8 minutes alone "
+                    f"on a 2-core CPU) instead of the quick one, {QUICK[0]} seeds x {QUICK[1]} steps (about 1 "
+                    "minute; figures within a few points of the full protocol's, docs/results.md)")
+    ev.add_argument("--seeds", "--num-images", dest="seeds", type=int, default=None,
+                    help="seeds (images) per prompt, over the protocol's; --num-images is the same setting's name "
+                    "in `esd evaluate`")
     ev.add_argument("--prompt-set", default="full", choices=["full", "quick", "base"],
                     help="full: every phrasing (94 prompts); quick: 34 prompts for sweeps; base: the 12 "
                          "'a {colour} {shape}' prompts")
-    ev.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    ev.add_argument("--steps", type=int, default=None, help="DDIM steps, over the protocol's")
     ev.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     ev.add_argument("--device", default="auto", help="torch device, e.g. cpu or cuda")
     ev.add_argument("--classifier", type=Path, default=None, help="classifier folder (default: <model>/classifier)")
@@ -105,8 +110,8 @@ def run(args: argparse.Namespace) -> int:
         pipe,
         args.output,
         erased=args.erased,
-        seeds_per_prompt=args.seeds,
-        steps=args.steps,
+        seeds_per_prompt=args.seeds or (FULL if args.full else QUICK)[0],
+        steps=args.steps or (FULL if args.full else QUICK)[1],
         guidance=args.guidance,
         classifier_path=args.classifier,
         prompt_set=args.prompt_set,
@@ -119,7 +124,9 @@ def run(args: argparse.Namespace) -> int:
 def summary_lines(m: dict, weights: str | None, path: Path) -> str:
     """The evaluation in words: the erased concept first (what the user asked about), then everything else."""
     judged = f"judged {weights}" if weights else "judged the base model (no --weights)"
-    lines = [f"{judged}: {m['n_images']} images ({m['seeds_per_prompt']} seeds × {m['steps']} steps)"]
+    protocol = {QUICK: "the quick protocol; --full for 16 seeds x 50 steps", FULL: "the full protocol"}.get(
+        (m["seeds_per_prompt"], m["steps"]), "a protocol of its own")
+    lines = [f"{judged}: {m['n_images']} images ({m['seeds_per_prompt']} seeds × {m['steps']} steps, {protocol})"]
     if m["erased"] is not None:
         lines.append(f"erased '{m['erased']}': still drawn in {m['erased_rate']:.1%} of the images of prompts naming it "
                      "(lower is better)")
