@@ -27,7 +27,7 @@ def test_the_counter_adds_batches_by_part_and_backward_as_two_forwards():
 def test_an_erase_counts_its_work_and_batching_cuts_the_samplers_sequential_forwards(tiny_pipe, tmp_path,
                                                                                      sampler_batch):
     cfg = EraseConfig(concept="a red circle", retain=["a blue square"], batch_size=2, ddim_steps=4, iterations=3,
-                      grid_steps=0, save_every=0, device="cpu", sampler_batch=sampler_batch,
+                      grid_steps=0, save_every=0, device="cpu", sampler_batch=sampler_batch, gradient_checkpointing=True,
                       output=str(tmp_path / "run"))
     work = erase(cfg, pipe=tiny_pipe, progress=False).work
     # per iteration: 2 examples, each with its kept prompt: 4 rows trained; ε* of "", the concept and the kept one

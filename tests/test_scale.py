@@ -110,3 +110,22 @@ def test_two_gloo_processes_equal_one_process_with_the_combined_batch(tmp_path):
         # gradients' own size, so tiny differences grow: 1e-5 is 1% of one step at lr 1e-3 (seen: 1.8e-6).
         assert torch.allclose(value, pipe.unet.get_parameter(name).detach(), atol=1e-5), name
     assert (tmp_path / "ddp" / "esd.safetensors").exists()  # rank 0 wrote the outputs
+
+
+def test_gradient_checkpointing_follows_need_unless_asked(tiny_pipe, tmp_path, monkeypatch, capsys):
+    """Auto: on when the estimate of training memory without it exceeds what the device has free; a flag wins."""
+    from esd import prepare
+
+    unet, cpu = tiny_pipe.unet, torch.device("cpu")
+    need = sum(p.numel() for p in unet.parameters()) * 4 * (4 + 1)  # fp32 size x (4 + batch size 1)
+    monkeypatch.setattr(prepare, "free_memory", lambda device: need - 1)
+    assert prepare.checkpointing_by_need(_cfg(tmp_path), unet, cpu)[0] is True
+    monkeypatch.setattr(prepare, "free_memory", lambda device: need + 1)
+    on, why = prepare.checkpointing_by_need(_cfg(tmp_path), unet, cpu)
+    assert on is False and why.startswith("auto: about")
+    assert prepare.checkpointing_by_need(_cfg(tmp_path, batch_size=4), unet, cpu)[0] is True  # more activations
+    assert prepare.checkpointing_by_need(_cfg(tmp_path, gradient_checkpointing=True), unet, cpu) == (True, "as asked")
+
+    result = erase(_cfg(tmp_path), pipe=tiny_pipe)  # the run says which it chose, and the config as run records it
+    assert result.config.gradient_checkpointing is False and not unet.is_gradient_checkpointing
+    assert "gradient checkpointing: off (auto: about" in capsys.readouterr().out

@@ -209,9 +209,10 @@ class EraseConfig:
     sampler_batch: bool = _opt("run the partial trajectories of an iteration's examples as one batch, each leaving "
                                "at its own step k (--no-sampler-batch: one example after another, the original cost)",
                                default=True)
-    gradient_checkpointing: bool = _opt(
+    gradient_checkpointing: bool | None = _opt(
         "recompute UNet activations in the backward pass: most of the memory of an iteration for about one extra "
-        "forward among the ~N/2+3 an iteration runs (--no-gradient-checkpointing to turn off)", default=True)
+        "forward among the ~N/2+3 an iteration runs (default: on only where the model's training memory does not "
+        "fit the device's free memory with room to spare; the run says which it chose)", default=None)
     image_size: int | None = _opt("image side in pixels (default: the model's own, e.g. 512 for SD1.x)",
                                   default=None)
     save_every: int = _opt("write a checkpoint (OUTPUT/checkpoint-N: θ, Adam and random states, to resume from) and "

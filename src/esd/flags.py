@@ -44,7 +44,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=EraseConfig, given
             meta.pop("required", None)  # checked after resolving (esd erase: a recipe file may name the concept)
             if f.default not in (None, "", False) and "(default" not in help_text:
                 help_text += f" (default: {f.default})"
-        if hints[f.name] is bool:  # --flag / --no-flag
+        if hints[f.name] is bool or set(typing.get_args(hints[f.name])) == {bool, type(None)}:  # --flag / --no-flag
             target.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=default, help=help_text)
             continue

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -51,6 +52,33 @@ def auto_precision(family: str) -> str:
     return "bf16" if family in TRANSFORMER_FAMILIES.values() else "fp32"
 
 
+def free_memory(device: torch.device) -> int:
+    """Bytes free on `device`: the GPU's free memory, or the machine's available RAM for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # no sysconf: assume memory is short
+        return 0
+
+
+def checkpointing_by_need(cfg: EraseConfig, net: torch.nn.Module, device: torch.device) -> tuple[bool, str]:
+    """Gradient checkpointing on only where memory needs it: (on?, the reason in words).
+
+    Without it an iteration holds the activations of the trained forward for the backward. The estimate of
+    training memory without it is the network's fp32 size times (4 + batch size): weights and θ's Adam state,
+    plus activations that grow with the examples per step (about 3x the fp32 size per example at the model's
+    own resolution on SD1.x). Checkpointing costs about one extra forward of an iteration's ~N/2+3.
+    """
+    if cfg.gradient_checkpointing is not None:
+        return cfg.gradient_checkpointing, "as asked"
+    need = sum(p.numel() for p in net.parameters()) * 4 * (4 + cfg.batch_size)
+    free = free_memory(device)
+    on = need > free
+    return on, (f"auto: about {need / 2**30:.1f} GiB to train without it, {free / 2**30:.1f} GiB free on "
+                f"{device.type}")
+
+
 def prepare_unet(cfg: EraseConfig, unet, device: torch.device):
     """Select θ, build ε* (one UNet by default), cast the frozen part, move to `device`.
 
@@ -71,7 +99,7 @@ def prepare_unet(cfg: EraseConfig, unet, device: torch.device):
         frozen = copied_denoiser(unet, resolve_device(cfg.devices.split(",")[1]))
     else:
         frozen = swapped_denoiser(unet, originals)
-    if cfg.gradient_checkpointing:  # only the one grad forward per iteration pays for it
+    if cfg.gradient_checkpointing:  # only the one grad forward per iteration pays for it (`checkpointing_by_need`)
         unet.enable_gradient_checkpointing()
     else:
         unet.disable_gradient_checkpointing()
@@ -147,6 +175,10 @@ def setup(cfg: EraseConfig, pipe=None, progress: bool = True, resolution: Resolu
     if (cfg.robust or cfg.train_text_encoder) and family not in ("sd1", "sd2"):
         flag = "--robust" if cfg.robust else "--train-text-encoder"
         raise EsdError(f"{flag} supports SD1.x/SD2.x pipelines (one CLIP text encoder); this one is {family}")
+    on, why = checkpointing_by_need(cfg, network(pipe), device)
+    cfg = dataclasses.replace(cfg, gradient_checkpointing=on)  # the config as run says which it chose
+    if progress:
+        tqdm.write(f"gradient checkpointing: {'on' if on else 'off'} ({why})")
     params, trained, frozen = prepare_unet(cfg, network(pipe), device)
     for part in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):  # frozen helpers: weight dtype, on the device
         if getattr(pipe, part, None) is not None:
