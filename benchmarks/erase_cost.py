@@ -42,6 +42,7 @@ CONFIGS = {  # name -> EraseConfig overrides; `devices` is filled in with the ru
     "fp32": {"precision": "fp32"},  # SD3/FLUX: the frozen weights in fp32 (the default there is bf16)
     "no-checkpointing": {"gradient_checkpointing": False},
     "checkpointing": {"gradient_checkpointing": True},  # the default before it followed need
+    "compiled": {"compile": True},  # torch.compile (inductor); the first iterations include the compile
     "bf16": {"precision": "bf16"},
     "fast": {"trajectory_reuse": 8},
     "one-at-a-time": {"sampler_batch": False},  # each example's partial trajectory alone, as before batching

@@ -90,7 +90,7 @@ HELP_GROUPS = {
     "the paper's method (Algorithm 1, Eq. 5)": ("method", "iterations", "lr", "eta", "start_guidance", "ddim_steps",
                                                 "seed"),
     "training": ("batch_size", "lr_schedule", "sample_from", "timestep", "lora_rank", "train_text_encoder",
-                 "text_encoder_lr", "gradient_checkpointing", "guidance_batch", "sampler_batch", "trajectory_reuse"),
+                 "text_encoder_lr", "gradient_checkpointing", "compile", "guidance_batch", "sampler_batch", "trajectory_reuse"),
     "opt-in extensions (phrasings and what to keep)": ("contexts", "retain", "retain_weight", "siblings",
                                                        "start_from_sibling"),
     "robust erasing (--robust)": ("robust", "robust_adversary", "robust_images", "robust_tokens",
@@ -213,6 +213,9 @@ class EraseConfig:
         "recompute UNet activations in the backward pass: most of the memory of an iteration for about one extra "
         "forward among the ~N/2+3 an iteration runs (default: on only where the model's training memory does not "
         "fit the device's free memory with room to spare; the run says which it chose)", default=None)
+    compile: bool = _opt("opt-in: torch.compile the denoising network (inductor) at the run's fixed shapes; pays a "
+                         "compile of each batch shape up front (minutes on a CPU) for faster iterations on a GPU",
+                         default=False)
     image_size: int | None = _opt("image side in pixels (default: the model's own, e.g. 512 for SD1.x)",
                                   default=None)
     save_every: int = _opt("write a checkpoint (OUTPUT/checkpoint-N: θ, Adam and random states, to resume from) and "

@@ -103,6 +103,8 @@ def prepare_unet(cfg: EraseConfig, unet, device: torch.device):
         unet.enable_gradient_checkpointing()
     else:
         unet.disable_gradient_checkpointing()
+    if cfg.compile:  # after every change to the module: a compiled graph sees θ, ε*'s swapped values as inputs
+        unet.compile(dynamic=False, backend=COMPILE_BACKEND)
     return params, unet_denoiser(unet), frozen
 
 
@@ -113,6 +115,7 @@ def autocast(cfg: EraseConfig, device: torch.device):
     return torch.autocast(device.type, dtype=PRECISIONS[cfg.precision])
 
 
+COMPILE_BACKEND = "inductor"  # --compile's torch.compile backend (tests swap in "aot_eager": no C++ build)
 HALF_CHECK_MAX = 200_000_000  # θ up to this many parameters keeps a CPU copy of its start for the card (0.8 GB)
 
 

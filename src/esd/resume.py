@@ -41,9 +41,9 @@ from esd.weights import load_esd_weights, save_esd_weights
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 # Settings that do not change what is trained: a checkpoint is resumed whatever their values.
-NEUTRAL = frozenset({"output", "device", "devices", "gradient_checkpointing", "grid_steps", "grid_prompts", "recipe",
+NEUTRAL = frozenset({"output", "device", "devices", "gradient_checkpointing", "compile", "grid_steps", "grid_prompts", "recipe",
                      "save_every", "save_every_seconds", "checkpoints_total_limit", "resume", "overwrite",
-                     "save_compvis", "compvis_format"})
+                     "save_compvis", "compvis_format", "save_kohya"})
 
 
 @dataclass
