@@ -168,7 +168,8 @@ def test_save_kohya_writes_the_lora_beside_the_weights_and_the_card_says_what_ha
         f"lora_unet_{m.removeprefix('unet.').replace('.', '_')}.{leaf}"
         for m in {k.rsplit(".lora_", 1)[0] for k in load_file(str(tmp_path / "lora" / "esd.safetensors"))}
         for leaf in ("alpha", "lora_down.weight", "lora_up.weight"))
-    assert "`esd-kohya.safetensors`" in (tmp_path / "lora" / "README.md").read_text()
+    card = (tmp_path / "lora" / "README.md").read_text()
+    assert "`esd-kohya.safetensors` (AUTOMATIC1111/Forge" in card and "<lora:esd-kohya:1>" in card
 
     _erase(tiny_pipe_dir, tmp_path / "weights")  # a weight erase: the card gives the share kept in fp16 and bf16
     card = (tmp_path / "weights" / "README.md").read_text()

@@ -93,7 +93,11 @@ pipe = DiffusionPipeline.from_pretrained("{base}")
 pipe.load_lora_weights(".", weight_name="esd.safetensors")  # this folder
 pipe.fuse_lora()  # optional: merge it into the weights
 image = pipe("{cfg.concepts[0]}").images[0]
-```"""
+```""" + (f"""
+
+`esd-kohya.safetensors` is the same LoRA in kohya's layout: put it in AUTOMATIC1111/Forge's `models/Lora` (prompt
+`<lora:esd-kohya:1>`) or ComfyUI's `models/loras` (LoraLoader node, strength 1); `pipe.load_lora_weights(".",
+weight_name="esd-kohya.safetensors")` reads it too.""" if cfg.save_kohya else "")
     if cfg.train_text_encoder:
         return f"""`esd.safetensors` holds the trained `pipe.{part}` parameters under their diffusers names and the trained
 `pipe.text_encoder` parameters under `text_encoder.<name>`; both parts must be loaded (the erase changed both).
