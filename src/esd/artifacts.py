@@ -93,7 +93,7 @@ pipe = DiffusionPipeline.from_pretrained("{base}")
 pipe.load_lora_weights(".", weight_name="esd.safetensors")  # this folder
 pipe.fuse_lora()  # optional: merge it into the weights
 image = pipe("{cfg.concepts[0]}").images[0]
-```""" + (f"""
+```""" + ("""
 
 `esd-kohya.safetensors` is the same LoRA in kohya's layout: put it in AUTOMATIC1111/Forge's `models/Lora` (prompt
 `<lora:esd-kohya:1>`) or ComfyUI's `models/loras` (LoraLoader node, strength 1); `pipe.load_lora_weights(".",
