@@ -87,6 +87,8 @@ def test_lora_extracted_at_full_rank_reproduces_a_weight_erase_and_reports_lower
         assert f"rank {full}: relative error 0.00% of the change" in printed
         errors = dict(part.split(": ") for part in printed.split("at other ranks: ")[1].splitlines()[0].split(", "))
         assert float(errors["1"].rstrip("%")) > 1.0  # rank 1 loses part of the change, and says so
+        first = next(r for r, e in errors.items() if float(e.rstrip("%")) <= 20)
+        assert f"recommended: rank {first} or more (error <= 20%)" in printed
         fused = dict(network(_diffusers_fused(tiny_pipe_dir, dst)).named_parameters())
         for name, value in erased.items():
             if value.dim() in (2, 4):

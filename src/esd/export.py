@@ -24,6 +24,10 @@ from esd.weights import TEXT_ENCODER, atomic_path, load_esd_weights
 
 LAYOUTS = ("kohya", "lora")  # --to values that write a LoRA file from an ESD weights file
 REPORT_RANKS = (1, 2, 4, 8, 16, 32, 64, 128)
+# The recommendation printed with an extraction: the smallest reported rank whose error is at most this. On the
+# testbed (ESD-x, one erase per kind, docs/results.md) rank 4 at 48-52% error already kept the erasure and the
+# rest of the model as the full erase did; 20% leaves a wide margin for models and methods not measured.
+RECOMMENDED_ERROR = 0.20
 
 
 @dataclass
@@ -52,6 +56,10 @@ class Extraction:
         out = [f"rank {self.rank}: relative error {self.error:.2%} of the change over {len(self.layers)} layers "
                f"(worst {worst[0]}: {worst[1][0]:.2%})"]
         out.append("  at other ranks: " + ", ".join(f"{r}: {e:.1%}" for r, e in self.by_rank.items()))
+        good = [r for r, e in self.by_rank.items() if e <= RECOMMENDED_ERROR]
+        if good:
+            out.append(f"  recommended: rank {good[0]} or more (error <= {RECOMMENDED_ERROR:.0%}); on the testbed's "
+                       "ESD-x erases rank 4 (about 50% error) already kept the erasure (docs/results.md)")
         if self.left_out:
             out.append(f"  left out (no LoRA holds them): {len(self.left_out)} tensors, e.g. {next(iter(self.left_out))}, "
                        f"{self.left_out_share:.2%} of the change")
