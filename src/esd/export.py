@@ -25,7 +25,7 @@ from esd.weights import TEXT_ENCODER, atomic_path, load_esd_weights
 LAYOUTS = ("kohya", "lora")  # --to values that write a LoRA file from an ESD weights file
 REPORT_RANKS = (1, 2, 4, 8, 16, 32, 64, 128)
 # The recommendation printed with an extraction: the smallest reported rank whose error is at most this. On the
-# testbed (ESD-x, one erase per kind, docs/results.md) rank 4 at 48-52% error already kept the erasure and the
+# testbed (ESD-x, one erase per kind, docs/results.md) rank 4 at 48-58% error already kept the erasure and the
 # rest of the model as the full erase did; 20% leaves a wide margin for models and methods not measured.
 RECOMMENDED_ERROR = 0.20
 
