@@ -59,7 +59,7 @@ class Extraction:
         good = [r for r, e in self.by_rank.items() if e <= RECOMMENDED_ERROR]
         if good:
             out.append(f"  recommended: rank {good[0]} or more (error <= {RECOMMENDED_ERROR:.0%}); on the testbed's "
-                       "ESD-x erases rank 4 (about 50% error) already kept the erasure (docs/results.md)")
+                       "ESD-x erases rank 4 (48-58% error) already kept the erasure (docs/results.md)")
         if self.left_out:
             out.append(f"  left out (no LoRA holds them): {len(self.left_out)} tensors, e.g. {next(iter(self.left_out))}, "
                        f"{self.left_out_share:.2%} of the change")
@@ -94,10 +94,10 @@ def part_of(name: str, network_part: str) -> str:
     return name if name.startswith(TEXT_ENCODER) else f"{network_part}.{name}"
 
 
-def adaptable(params: dict[str, nn.Parameter], name: str, model) -> bool:
+def adaptable(params: dict[str, nn.Parameter], name: str, module_of) -> bool:
     """Whether a LoRA can hold this tensor's change: the weight of a linear or 2-D convolution layer."""
     module, _, leaf = name.rpartition(".")
-    return leaf == "weight" and params[name].dim() in (2, 4) and isinstance(model(module), (nn.Linear, nn.Conv2d))
+    return leaf == "weight" and params[name].dim() in (2, 4) and isinstance(module_of(module), (nn.Linear, nn.Conv2d))
 
 
 @torch.no_grad()
@@ -145,8 +145,8 @@ def export_lora(src: str | Path, dst: str | Path, to: str, rank: int | None = No
         raise EsdError(f"{dst}: a LoRA file is written as .safetensors; choose a name ending in .safetensors")
     tensors, metadata = load_esd_weights(src)
     family = metadata.get("model_family", "")
-    if to == "kohya" and family not in kohya.FAMILIES:  # before any model is loaded
-        kohya.to_kohya({}, family)
+    if to == "kohya":  # before any model is loaded
+        kohya.check_family(family)
     report = None
     if is_lora(tensors):
         if rank is not None:

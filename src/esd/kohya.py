@@ -60,12 +60,16 @@ def kohya_name(module: str, family: str) -> str:
     return prefixes[part] + name.replace(".", "_")
 
 
-def to_kohya(lora: Lora, family: str, v_prediction: bool = False,
-             name: str = "esd") -> tuple[dict[str, Tensor], dict[str, str]]:
-    """(tensors, safetensors metadata) in kohya's layout, with the header keys sd-scripts writes and clients read."""
+def check_family(family: str) -> None:
     if family not in FAMILIES:
         raise EsdError(f"kohya's LoRA layout covers {', '.join(FAMILIES)}; this erase is of a {family} model — "
                        "share it in diffusers' LoRA layout (--to lora) instead")
+
+
+def to_kohya(lora: Lora, family: str, v_prediction: bool = False,
+             name: str = "esd") -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors, safetensors metadata) in kohya's layout, with the header keys sd-scripts writes and clients read."""
+    check_family(family)
     tensors: dict[str, Tensor] = {}
     ranks = set()
     for module, (down, up) in lora.items():
