@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from esd import lowrank
+from esd import kohya
 from esd.export import base_model, extract_lora
+from esd.lora import merged_weights
 from esd.models import load_pipeline
 from esd.networks import network
 from esd.testbed import QUICK
@@ -27,13 +28,12 @@ from esd.testbed.evaluate import evaluate_testbed
 from esd.weights import load_esd_weights
 
 
-def lora_applied(pipe, lora) -> None:
+def lora_applied(pipe, lora, path) -> None:
     """W + B·A into the pipeline's UNet for each adapted layer (as a client merges a LoRA at scale 1)."""
     net = network(pipe)
     with torch.no_grad():
-        for module, (down, up) in lora.items():
-            weight = net.get_parameter(module.removeprefix("unet.") + ".weight")
-            weight += lowrank.product(down, up).to(weight.dtype)
+        for name, value in merged_weights(net, kohya.to_diffusers(lora), 1.0, path).items():
+            net.get_parameter(name).copy_(value)
 
 
 def evaluate(pipe, out: Path, args) -> dict:
@@ -69,7 +69,7 @@ def main() -> None:
             error = 0.0
         else:
             lora, report = extract_lora(tensors, params, rank, "unet", args.weights, module_of)
-            lora_applied(pipe, lora)
+            lora_applied(pipe, lora, args.weights)
             error = report.error
         m = evaluate(pipe, args.output / f"rank-{rank}", args)
         falls = {c: m["per_concept"][c] - base["per_concept"][c] for c in m["per_concept"]

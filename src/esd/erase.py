@@ -214,8 +214,9 @@ def finish(cfg: EraseConfig, pipe, params, result: EraseResult, before, size: in
     """Final weights, the optional CompVis and kohya files, and the card, plot and grid beside them."""
     out = result.output
     if base is not None:  # how much of the change a half-precision copy of the model would keep
-        result.half = {name: kept_in(base, {n: p.detach().cpu() for n, p in params.items()}, dtype)
-                       for name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16))}
+        erased = {n: p.detach().cpu() for n, p in params.items()}
+        result.half = {name: kept_in(base, erased, dtype) for name, dtype in (("fp16", torch.float16),
+                                                                               ("bf16", torch.bfloat16))}
     metadata = esd_metadata(cfg, pipe, len(result.losses), result.trained)
     save_esd_weights(out / "esd.safetensors", exported(params, metadata), metadata)
     if cfg.save_compvis:

@@ -38,7 +38,6 @@ class Extraction:
     layers: dict[str, tuple[float, float]] = field(default_factory=dict)
     by_rank: dict[int, float] = field(default_factory=dict)  # total relative error at each rank
     left_out: dict[str, float] = field(default_factory=dict)  # tensors no LoRA can hold: their ‖Δ‖
-    unchanged: int = 0
 
     @property
     def error(self) -> float:
@@ -120,12 +119,12 @@ def extract_lora(tensors: dict[str, Tensor], base: dict[str, nn.Parameter], rank
         if name not in fits:
             report.left_out[name] = float(delta.norm())
             continue
-        if not bool(delta.any()):
-            report.unchanged += 1
+        if not bool(delta.any()):  # an untouched layer needs no LoRA
             continue
-        singular[name] = lowrank.singular_values(delta)
-        down, up = lowrank.padded(*lowrank.extract(delta, min(rank, lowrank.max_rank(delta.shape))), rank)
-        lora[part_of(name.removesuffix(".weight"), network_part)] = (down.float(), up.float())
+        factors = lowrank.svd(delta)  # once per layer: the factors and every rank's error come from it
+        singular[name] = factors[1]
+        down, up = lowrank.truncated(factors, min(rank, lowrank.max_rank(delta.shape)), delta.shape)
+        lora[part_of(name.removesuffix(".weight"), network_part)] = lowrank.padded(down, up, rank)
         report.layers[name] = (lowrank.rank_error(singular[name], rank), float(delta.norm()))  # 0 past its max
     if not lora:
         raise EsdError(f"{src}: no linear or convolution weight changed, so there is no LoRA to extract")

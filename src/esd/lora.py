@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from esd.errors import EsdError
+from esd.lowrank import product
 from esd.selection import trainable_names
 
 ADAPTER = "esd"
@@ -86,6 +87,5 @@ def merged_weights(net: nn.Module, tensors: dict[str, Tensor], scale: float, pat
         if b.shape[0] != weight.shape[0] or a.shape[1:].numel() != weight.shape[1:].numel() or a.shape[0] != b.shape[1]:
             raise EsdError(f"--weights {path}: LoRA shapes A {tuple(a.shape)}, B {tuple(b.shape)} do not fit "
                            f"{module} {tuple(weight.shape)}")
-        delta = (b.flatten(1) @ a.flatten(1)).view(weight.shape)
-        merged[f"{module}.weight"] = weight.detach().float() + scale * delta.to(weight.device)
+        merged[f"{module}.weight"] = weight.detach().float() + scale * product(a, b).to(weight.device)
     return merged

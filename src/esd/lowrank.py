@@ -25,24 +25,35 @@ def max_rank(shape: torch.Size | tuple[int, ...]) -> int:
     return min(shape[0], math.prod(shape[1:]))
 
 
+def svd(delta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """U, S, Vᵀ of Δ flattened to out × (in·k·k), singular values largest first (float64: Δ is small)."""
+    return torch.linalg.svd(delta.detach().double().flatten(1), full_matrices=False)
+
+
 def singular_values(delta: Tensor) -> Tensor:
-    """The singular values of Δ flattened to out × (in·k·k), largest first (float64: Δ is small)."""
+    """The singular values of Δ flattened to out × (in·k·k), largest first."""
     return torch.linalg.svdvals(delta.detach().double().flatten(1))
 
 
-def extract(delta: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """(A, B), B·A the best rank-`rank` approximation of Δ; A is r×in (r×in×k×k), B out×r (out×r×1×1).
+def truncated(factors: tuple[Tensor, Tensor, Tensor], rank: int, shape: torch.Size,
+              dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """(A, B) from Δ's SVD, B·A its best rank-`rank` approximation; A is r×in (r×in×k×k), B out×r (out×r×1×1).
 
     The singular values are split evenly between the factors (B = U·√S, A = √S·Vᵀ) so neither factor is tiny.
     """
-    if not 1 <= rank <= max_rank(delta.shape):
-        raise ValueError(f"rank {rank} outside 1..{max_rank(delta.shape)} for a layer of shape {tuple(delta.shape)}")
-    u, s, vh = torch.linalg.svd(delta.detach().double().flatten(1), full_matrices=False)
+    if not 1 <= rank <= max_rank(shape):
+        raise ValueError(f"rank {rank} outside 1..{max_rank(shape)} for a layer of shape {tuple(shape)}")
+    u, s, vh = factors
     root = s[:rank].sqrt()
     up, down = u[:, :rank] * root, root[:, None] * vh[:rank]
-    if delta.dim() == 4:
-        down, up = down.view(rank, *delta.shape[1:]), up.view(delta.shape[0], rank, 1, 1)
-    return down.to(delta.dtype), up.to(delta.dtype)
+    if len(shape) == 4:
+        down, up = down.view(rank, *shape[1:]), up.view(shape[0], rank, 1, 1)
+    return down.to(dtype), up.to(dtype)
+
+
+def extract(delta: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """(A, B), B·A the best rank-`rank` approximation of Δ (Eckart–Young: the truncated SVD)."""
+    return truncated(svd(delta), rank, delta.shape, delta.dtype)
 
 
 def padded(down: Tensor, up: Tensor, rank: int) -> tuple[Tensor, Tensor]:

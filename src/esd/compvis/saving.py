@@ -300,9 +300,10 @@ def convert(src: str | Path, dst: str | Path, weights: str | Path | None = None,
     elif target in ("compvis", "comfyui") and base is not None:
         out_dtype = next((v.dtype for k, v in base.items() if k.startswith(UNET_PREFIX)), None)
     if weights is not None:
-        before = _trained_values(net, weights)
+        half = out_dtype in (torch.float16, torch.bfloat16)
+        before = _trained_values(net, weights) if half else {}  # read the file again only to report the cast
         apply_esd_weights(pipe, weights)  # a LoRA file is merged into the weights
-        if out_dtype in (torch.float16, torch.bfloat16):
+        if half:
             report_half_precision(before, net, out_dtype, dst)
     if target == "comfyui" and is_transformer(net):
         write_transformer(net, dst, out_dtype)
