@@ -211,8 +211,8 @@ class EraseConfig:
                                default=True)
     gradient_checkpointing: bool | None = _opt(
         "recompute UNet activations in the backward pass: most of the memory of an iteration for about one extra "
-        "forward among the ~N/2+3 an iteration runs (default: on only where the model's training memory does not "
-        "fit the device's free memory with room to spare; the run says which it chose)", default=None)
+        "forward among the ~N/2+3 an iteration runs (default: on only where an estimate of training memory "
+        "without it exceeds the device's free memory; the run says which it chose)", default=None)
     compile: bool = _opt("opt-in: torch.compile the denoising network (inductor) at the run's fixed shapes; pays a "
                          "compile of each batch shape up front (minutes on a CPU) for faster iterations on a GPU",
                          default=False)

@@ -1,8 +1,9 @@
 """kohya's LoRA layout: the files AUTOMATIC1111/Forge, ComfyUI and kohya's sd-scripts exchange.
 
 Each adapted layer is one name — the module's diffusers name with its dots turned to underscores, behind
-`lora_unet_` for the UNet (the names sd-scripts writes for SD1.x/SD2.x, and which AUTOMATIC1111, ComfyUI and
-diffusers map for SDXL as well) or `lora_te_` for the text encoder (`lora_te1_`, `lora_te2_` for SDXL's two) —
+`lora_unet_` for the UNet (the names sd-scripts writes for SD1.x/SD2.x, and which ComfyUI's
+`model_lora_keys_unet` and diffusers' kohya conversion map for SDXL as well) or `lora_te_` for the text
+encoder (`lora_te1_`, `lora_te2_` for SDXL's two) —
 with three tensors: `.lora_down.weight` (A, r×in), `.lora_up.weight` (B, out×r) and `.alpha`. The update a
 client applies is (alpha / r)·B·A; our LoRA runs train at alpha = r (scale 1) and an extracted LoRA has scale 1
 too, so alpha is written as the rank and the file means exactly what `esd.safetensors` means.
