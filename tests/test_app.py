@@ -10,6 +10,7 @@ import torch
 pytest.importorskip("gradio", reason="the app needs Gradio: pip install -e '.[app]'")
 
 from esd import app as A  # noqa: E402  (the page and the command)
+from esd import app_form as F  # noqa: E402  (the erase form)
 from esd import app_runs as R  # noqa: E402  (run folders)
 from esd import app_state as S  # noqa: E402  (the model, erase, compare, export, evaluate)
 from esd.config import METHOD_CHOICES, EraseConfig  # noqa: E402
@@ -47,8 +48,8 @@ def _wait(job, timeout: float = 120) -> None:
 def test_form_is_built_from_erase_config():
     defaults = {f.name: f.default for f in dataclasses.fields(EraseConfig)}
     specs = {name: (kind, default, help_text, choices)
-             for name, kind, default, help_text, choices in S.config_fields(S.FORM_FIELDS + S.ADVANCED_FIELDS)}
-    assert set(specs) == set(S.FORM_FIELDS + S.ADVANCED_FIELDS)
+             for name, kind, default, help_text, choices in F.config_fields(F.FORM_FIELDS + F.ADVANCED_FIELDS)}
+    assert set(specs) == set(F.FORM_FIELDS + F.ADVANCED_FIELDS)
     for name, (_, default, help_text, _) in specs.items():
         assert default == defaults[name] and help_text  # same default, help text from the field metadata
     assert specs["method"][3] == METHOD_CHOICES
@@ -57,7 +58,7 @@ def test_form_is_built_from_erase_config():
 
 def test_form_starts_blank_so_the_recipe_decides_and_lists_the_recipes(app):
     specs = {name: (default, help_text, choices)
-             for name, _, default, help_text, choices in app.form_fields(S.FORM_FIELDS + S.ADVANCED_FIELDS)}
+             for name, _, default, help_text, choices in app.form_fields(F.FORM_FIELDS + F.ADVANCED_FIELDS)}
     assert specs["iterations"][0] is None and "blank: the recipe's; paper: 1000" in specs["iterations"][1]
     assert specs["method"][2][0] == "" and specs["robust"][0] is False  # "" in a list: the recipe's choice
     assert "testbed-shape" in specs["recipe"][2] and "esd-2025" in specs["recipe"][2] and specs["recipe"][0] is None
@@ -66,7 +67,7 @@ def test_form_starts_blank_so_the_recipe_decides_and_lists_the_recipes(app):
 def test_blank_fields_take_the_recipe_and_filled_ones_win_as_flags_do(app):
     """One resolution for the app and `esd erase`: the model folder's recipe for the concept's kind, and each
     filled field over it; the finished message and the card say which recipe gave what."""
-    blank = {name: None for name in S.FORM_FIELDS + S.ADVANCED_FIELDS} | {"concept": "circle", "robust": False}
+    blank = {name: None for name in F.FORM_FIELDS + F.ADVANCED_FIELDS} | {"concept": "circle", "robust": False}
     job = app.start_erase(blank | {"iterations": 3, "ddim_steps": 3, "grid_steps": 0, "save_every": 0})
     assert job.resolution.recipe.name == "testbed-shape" and job.cfg.start_from_sibling and job.cfg.lr == 2e-3
     _wait(job)
@@ -83,17 +84,17 @@ def test_blank_fields_take_the_recipe_and_filled_ones_win_as_flags_do(app):
 
 
 def test_form_validation_goes_through_erase_config(tmp_path):
-    given = S.given_from_form({**QUICK, "separator": "", "erase_from": " "}, tmp_path / "run", "cpu")
+    given = F.given_from_form({**QUICK, "separator": "", "erase_from": " "}, tmp_path / "run", "cpu")
     assert "separator" not in given and "erase_from" not in given and given["output"] == str(tmp_path / "run")
     for bad, words in [({"lr": "fast"}, "lr"), ({"iterations": 2.5}, "whole"),
                        ({"output": "/etc"}, "not settable"), ({"device": "cuda"}, "not settable")]:
         with pytest.raises(EsdError, match=words):
-            S.given_from_form({**QUICK, **bad}, tmp_path / "run", "cpu")
+            F.given_from_form({**QUICK, **bad}, tmp_path / "run", "cpu")
     for bad, words in [({"concept": " "}, "concept"), ({"method": "xatn"}, "method"), ({"lr": 0}, "lr"),
-                       ({"eta": float("nan")}, "eta"), ({"iterations": S.MAX_ITERATIONS + 1}, "at most"),
+                       ({"eta": float("nan")}, "eta"), ({"iterations": F.MAX_ITERATIONS + 1}, "at most"),
                        ({"ddim_steps": 10_000}, "at most")]:
         with pytest.raises(EsdError, match=words):
-            S.check_caps(resolve(S.given_from_form({**QUICK, **bad}, tmp_path / "run", "cpu"), None).config)
+            F.check_caps(resolve(F.given_from_form({**QUICK, **bad}, tmp_path / "run", "cpu"), None).config)
 
 
 def test_erase_writes_a_run_and_restores_the_base_weights(app, finished_run):
@@ -280,7 +281,7 @@ def test_page_sends_the_form_as_erase_config_fields_and_runs_one_model_task_at_a
     handlers = _handlers(demo)
     # Start sends one input per form field, in the order its handler zips them with the field names,
     # each starting blank (the recipe decides) but for the concept and the opt-in boxes.
-    names = S.FORM_FIELDS + S.ADVANCED_FIELDS
+    names = F.FORM_FIELDS + F.ADVANCED_FIELDS
     start = handlers[("erase-start", "click")]
     assert [block.elem_id for block in start.inputs] == [f"cfg-{n.replace('_', '-')}" for n in names]
     initial = {name: default for name, _, default, *_ in app.form_fields(names)}

@@ -27,7 +27,7 @@ from safetensors import safe_open  # noqa: E402
 
 from esd import app as A  # noqa: E402
 from esd import app_state as S  # noqa: E402
-from esd.app_state import ADVANCED_FIELDS, FORM_FIELDS  # noqa: E402
+from esd.app_form import ADVANCED_FIELDS, FORM_FIELDS  # noqa: E402
 from esd.config import EraseConfig  # noqa: E402
 
 # Twelve clients: six concepts, each erased by two clients with different seeds, so that run names collide

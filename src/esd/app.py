@@ -17,17 +17,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from esd.app_form import ADVANCED_FIELDS, FIELD_CAPS, FORM_FIELDS, MAX_SAMPLE_STEPS
 from esd.app_runs import list_runs, resolve_run, run_metadata
 from esd.app_state import (
-    ADVANCED_FIELDS,
-    FIELD_CAPS,
-    FORM_FIELDS,
     MAX_ATTACK_PROMPTS,
     MAX_ATTACK_STEPS,
     MAX_EVAL_SEEDS,
     MAX_EVAL_STEPS,
     MAX_IMAGES_PER_PROMPT,
-    MAX_SAMPLE_STEPS,
     EraseJob,
     EsdApp,
 )
