@@ -154,3 +154,16 @@ def test_compile_gives_the_eager_result(tmp_path, monkeypatch):
     assert any(not torch.equal(v, base[k]) for k, v in results[False].items())  # the erase moved θ
     for name, value in results[False].items():
         torch.testing.assert_close(results[True][name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_half_precision_on_a_cpu_that_emulates_it_says_so():
+    from esd.prepare import native_bf16, precision_note
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert "without native bf16" in precision_note(cpu, "bf16", native=False)
+    assert "--precision fp32 is faster" in precision_note(cpu, "bf16", native=False)
+    assert "without native fp16" in precision_note(cpu, "fp16", native=True)  # no CPU has an fp16 fast path here
+    assert precision_note(cpu, "bf16", native=True) is None
+    assert precision_note(cpu, "fp32", native=False) is None
+    assert precision_note(gpu, "bf16", native=False) is None  # the GPU decides, not the host CPU
+    assert isinstance(native_bf16(), bool)

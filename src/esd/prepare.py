@@ -52,6 +52,30 @@ def auto_precision(family: str) -> str:
     return "bf16" if family in TRANSFORMER_FAMILIES.values() else "fp32"
 
 
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX), as oneDNN sees it."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch without the probe: read the flags (Linux)
+        try:
+            flags = open("/proc/cpuinfo").read()
+        except OSError:
+            return False
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def precision_note(device: torch.device, precision: str, native: bool) -> str | None:
+    """A warning for half precision on a CPU that only emulates it, else None.
+
+    On an AVX2-only CPU (AMD EPYC, 2026-12-07) the testbed UNet's forward took 13x its fp32 time under bf16
+    autocast (docs/results.md); issue #36 measured 0.61x on a Xeon with AMX at batch 128."""
+    if device.type != "cpu" or precision == "fp32" or (precision == "bf16" and native):
+        return None
+    return (f"--precision {precision} on a CPU without native {precision} (AVX512-BF16/AMX for bf16; fp16 has no CPU "
+            "fast path): PyTorch emulates it and the forwards run several times slower than in fp32; "
+            "--precision fp32 is faster where memory allows")
+
+
 def free_memory(device: torch.device) -> int:
     """Bytes free on `device`: the GPU's free memory, or the machine's available RAM for the CPU."""
     if device.type == "cuda":
@@ -168,6 +192,9 @@ def setup(cfg: EraseConfig, pipe=None, progress: bool = True, resolution: Resolu
     if cfg.precision == "auto":
         cfg = dataclasses.replace(cfg, precision=auto_precision(family))
     half = cfg.precision != "fp32"
+    note = precision_note(device, cfg.precision, native_bf16()) if half else None
+    if note and progress:
+        tqdm.write(note)
     if cfg.save_compvis and family in TRANSFORMER_FAMILIES.values():
         raise EsdError(f"--save-compvis: no CompVis layout for {family.upper()}; leave the flag out and, for "
                        "ComfyUI, write the erased transformer afterwards with `esd convert MODEL out.safetensors "
