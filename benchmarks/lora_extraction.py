@@ -1,7 +1,7 @@
 """What rank of a LoRA extracted from a weight erase keeps the erasure, on the testbed.
 
     python benchmarks/lora_extraction.py --weights OUT/esd.safetensors --erased circle --ranks 1,4,16 \
-        [--seeds 4] [--steps 20] [--base-metrics BASE/metrics.json] [--output DIR]
+        [--seeds 3] [--steps 10] [--base-metrics BASE/metrics.json] [--output DIR]
 
 For the full erase and each rank R: the rank-R LoRA of its change (`esd.export.extract_lora`, what `esd convert
 --extract-lora R` writes) applied to the shipped testbed as a client applies a LoRA — W + B·A for the adapted
