@@ -46,6 +46,8 @@ CONFIGS = {  # name -> EraseConfig overrides; `devices` is filled in with the ru
     "bf16": {"precision": "bf16"},
     "fast": {"trajectory_reuse": 8},
     "one-at-a-time": {"sampler_batch": False},  # each example's partial trajectory alone, as before batching
+    "sampler-5-steps": {"ddim_steps": 5},  # the sampler's DDIM grid (k ~ U[0, N)): fewer steps, fewer forwards
+    "sampler-10-steps": {"ddim_steps": 10},
     "bf16+fast": {"precision": "bf16", "trajectory_reuse": 8},
 }
 
