@@ -57,7 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--erased", default=None, help="the erased concept: a shape, colour or style word, e.g. circle")
     ev.add_argument("--output", type=Path, required=True, help="folder for metrics.json and grid.png")
     ev.add_argument("--full", action="store_true",
-                    help=f"the full protocol: {FULL[0]} seeds x {FULL[1]} steps per prompt (27 times the work) "
+                    help=f"the full protocol: {FULL[0]} seeds x {FULL[1]} steps per prompt "
+                    f"({FULL[0] * FULL[1] / (QUICK[0] * QUICK[1]):.0f} times the work) "
                     f"instead of the quick one, {QUICK[0]} seeds x {QUICK[1]} steps (about 1.5 "
                     "minutes; erased rates within 1-2 points of 16 seeds', other concepts within about 9, "
                     "docs/results.md)")
