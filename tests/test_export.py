@@ -98,13 +98,14 @@ def test_lora_extracted_at_full_rank_reproduces_a_weight_erase_and_reports_lower
 
 
 def test_extraction_error_is_the_svd_tail():
-    """rank_error is ‖Δ − Δ_r‖/‖Δ‖ of the truncation `extract` returns, for linear and conv layers."""
+    """rank_error is ‖Δ − Δ_r‖/‖Δ‖ of the truncation `truncated` returns, for linear and conv layers."""
     torch.manual_seed(0)
     for shape in ((6, 5), (4, 3, 3, 3)):
         delta = torch.randn(shape, dtype=torch.float64)
-        s = lowrank.singular_values(delta)
+        factors = lowrank.svd(delta)
+        s = factors[1]
         for rank in range(1, lowrank.max_rank(shape) + 1):
-            down, up = lowrank.extract(delta, rank)
+            down, up = lowrank.truncated(factors, rank, delta.shape, delta.dtype)
             assert down.shape[0] == up.shape[1] == rank
             err = float((lowrank.product(down, up) - delta).norm() / delta.norm())
             assert math.isclose(err, lowrank.rank_error(s, rank), rel_tol=1e-9, abs_tol=1e-12)
@@ -157,7 +158,7 @@ def test_padding_a_narrow_layer_keeps_its_update():
     torch.manual_seed(1)
     for shape in ((3, 5), (2, 3, 3, 3)):
         delta = torch.randn(shape, dtype=torch.float64)
-        down, up = lowrank.padded(*lowrank.extract(delta, lowrank.max_rank(shape)), 8)
+        down, up = lowrank.padded(*lowrank.truncated(lowrank.svd(delta), lowrank.max_rank(shape), shape, delta.dtype), 8)
         assert down.shape[0] == up.shape[1] == 8
         torch.testing.assert_close(lowrank.product(down, up), delta)
 

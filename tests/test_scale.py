@@ -162,7 +162,7 @@ def test_half_precision_on_a_cpu_that_emulates_it_says_so():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert "without native bf16" in precision_note(cpu, "bf16", native=False)
     assert "--precision fp32 is faster" in precision_note(cpu, "bf16", native=False)
-    assert "without native fp16" in precision_note(cpu, "fp16", native=True)  # no CPU has an fp16 fast path here
+    assert "without native fp16" in precision_note(cpu, "fp16", native=True)  # fp16 is not probed: always said on a CPU
     assert precision_note(cpu, "bf16", native=True) is None
     assert precision_note(cpu, "fp32", native=False) is None
     assert precision_note(gpu, "bf16", native=False) is None  # the GPU decides, not the host CPU

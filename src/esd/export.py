@@ -2,7 +2,7 @@
 
 A LoRA run's `esd.safetensors` is already a LoRA (diffusers' layout) and is rewritten in kohya's layout
 (`esd.kohya`), tensor for tensor. A weight erase (the paper's way) becomes a LoRA by a rank-R SVD of each
-trained layer's change W_erased − W_base (`esd.lowrank.extract`); the base weights come from `--model`, or
+trained layer's change W_erased − W_base (`esd.lowrank.truncated`); the base weights come from `--model`, or
 from the base model the file names in its metadata. Linear and convolution weights take a LoRA; what else
 an erase changed (biases, norms, embeddings) cannot be one, and its share of the change is reported. Nothing
 is written unless everything succeeded.

@@ -3,7 +3,8 @@
 A weight-space erase (ESD-x, ESD-u, full) changes each trained layer by Δ = W_erased − W_base. A LoRA of rank r
 stores B·A instead (B: out×r, A: r×in); the best rank-r approximation of Δ in the Frobenius norm is its
 truncated SVD (Eckart–Young), taken per layer over the flattened input dims — a conv kernel out×in×k×k as an
-out×(in·k·k) matrix, as kohya's tools and peft flatten it — so `extract` is that and nothing more.
+out×(in·k·k) matrix, as kohya's tools and peft flatten it — so `truncated(svd(Δ), r, ...)` is that and
+nothing more.
 
 The same Δ is small against W (a short erase moves θ by parts in 10⁴), and half precision keeps about three
 significant digits of W: a copy of the erased model cast to fp16/bf16 can round much of Δ away.
@@ -30,11 +31,6 @@ def svd(delta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return torch.linalg.svd(delta.detach().double().flatten(1), full_matrices=False)
 
 
-def singular_values(delta: Tensor) -> Tensor:
-    """The singular values of Δ flattened to out × (in·k·k), largest first."""
-    return torch.linalg.svdvals(delta.detach().double().flatten(1))
-
-
 def truncated(factors: tuple[Tensor, Tensor, Tensor], rank: int, shape: torch.Size,
               dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
     """(A, B) from Δ's SVD, B·A its best rank-`rank` approximation; A is r×in (r×in×k×k), B out×r (out×r×1×1).
@@ -49,11 +45,6 @@ def truncated(factors: tuple[Tensor, Tensor, Tensor], rank: int, shape: torch.Si
     if len(shape) == 4:
         down, up = down.view(rank, *shape[1:]), up.view(shape[0], rank, 1, 1)
     return down.to(dtype), up.to(dtype)
-
-
-def extract(delta: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """(A, B), B·A the best rank-`rank` approximation of Δ (Eckart–Young: the truncated SVD)."""
-    return truncated(svd(delta), rank, delta.shape, delta.dtype)
 
 
 def padded(down: Tensor, up: Tensor, rank: int) -> tuple[Tensor, Tensor]:

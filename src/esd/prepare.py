@@ -69,11 +69,11 @@ def precision_note(device: torch.device, precision: str, native: bool) -> str | 
     """A warning for half precision on a CPU that only emulates it, else None.
 
     On an AVX2-only CPU (AMD EPYC, 2026-12-07) the testbed UNet's forward took 13x its fp32 time under bf16
-    autocast (docs/results.md); issue #36 measured 0.61x on a Xeon with AMX at batch 128."""
+    autocast and 8x under fp16 (docs/results.md); issue #36 measured bf16 at 0.61x on a Xeon with AMX."""
     if device.type != "cpu" or precision == "fp32" or (precision == "bf16" and native):
         return None
-    return (f"--precision {precision} on a CPU without native {precision} (AVX512-BF16/AMX for bf16; fp16 has no CPU "
-            "fast path): PyTorch emulates it and the forwards run several times slower than in fp32; "
+    return (f"--precision {precision} on a CPU without native {precision} (for bf16: AVX512-BF16/AMX; fp16 is not "
+            "probed): PyTorch may emulate it, and the forwards then run several times slower than in fp32; "
             "--precision fp32 is faster where memory allows")
 
 
