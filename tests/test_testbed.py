@@ -211,7 +211,7 @@ def test_cli_eval_leads_with_the_erased_concept_and_records_the_weights_it_judge
 
 
 def test_testbed_eval_runs_the_quick_protocol_unless_full_is_asked(monkeypatch, tmp_path, capsys):
-    """The quick start's evaluation: 3 seeds x 10 steps by default; --full is 16 x 50; --seeds/--steps go over."""
+    """The quick start's evaluation: 2 seeds x 10 steps by default; --full is 16 x 50; --seeds/--steps go over."""
     from esd.cli import main
     from esd.testbed import FULL, QUICK
     from esd.testbed import evaluate as evaluate_module
@@ -226,7 +226,7 @@ def test_testbed_eval_runs_the_quick_protocol_unless_full_is_asked(monkeypatch, 
     monkeypatch.setattr(evaluate_module, "evaluate_testbed", fake)
     for extra in ([], ["--full"], ["--full", "--seeds", "2"]):
         assert main(["testbed", "eval", "--device", "cpu", "--output", str(tmp_path), *extra]) == 0
-    assert asked == [QUICK, FULL, (2, FULL[1])] and QUICK == (3, 10) and FULL == (16, 50)
+    assert asked == [QUICK, FULL, (2, FULL[1])] and QUICK == (2, 10) and FULL == (16, 50)
     out = capsys.readouterr().out
-    assert "3 seeds × 10 steps, the quick protocol; --full for 16 seeds x 50 steps" in out
+    assert "2 seeds × 10 steps, the quick protocol; --full for 16 seeds x 50 steps" in out
     assert "16 seeds × 50 steps, the full protocol" in out

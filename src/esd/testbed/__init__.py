@@ -11,6 +11,6 @@ from esd.testbed.render import COLOURS, SHAPES
 
 CONCEPTS = SHAPES + COLOURS
 # `esd testbed eval` protocols, (seeds per prompt, DDIM steps) over every prompt: quick by default, full with --full
-QUICK, FULL = (3, 10), (16, 50)
+QUICK, FULL = (2, 10), (16, 50)
 
 __all__ = ["COLOURS", "CONCEPTS", "DEFAULT_TESTBED", "FULL", "QUICK", "SHAPES"]

@@ -59,9 +59,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--full", action="store_true",
                     help=f"the full protocol: {FULL[0]} seeds x {FULL[1]} steps per prompt "
                     f"({FULL[0] * FULL[1] / (QUICK[0] * QUICK[1]):.0f} times the work) "
-                    f"instead of the quick one, {QUICK[0]} seeds x {QUICK[1]} steps (about 1.5 "
-                    "minutes; erased rates within 1-2 points of 16 seeds', other concepts within about 9, "
-                    "docs/results.md)")
+                    f"instead of the quick one, {QUICK[0]} seeds x {QUICK[1]} steps (under a minute on 2 "
+                    "CPU cores; erased rates within about 4 points of 16 seeds', another concept's fall "
+                    "within about 14, docs/results.md)")
     ev.add_argument("--seeds", "--num-images", dest="seeds", type=int, default=None,
                     help="seeds (images) per prompt, over the protocol's; --num-images is the same setting's name "
                     "in `esd evaluate`")
