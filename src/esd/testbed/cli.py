@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
 def summary_lines(m: dict, weights: str | None, path: Path) -> str:
     """The evaluation in words: the erased concept first (what the user asked about), then everything else."""
     judged = f"judged {weights}" if weights else "judged the base model (no --weights)"
-    protocol = {QUICK: "the quick protocol; --full for 16 seeds x 50 steps", FULL: "the full protocol"}.get(
+    protocol = {QUICK: f"the quick protocol; --full for {FULL[0]} seeds x {FULL[1]} steps", FULL: "the full protocol"}.get(
         (m["seeds_per_prompt"], m["steps"]), "a protocol of its own")
     lines = [f"{judged}: {m['n_images']} images ({m['seeds_per_prompt']} seeds × {m['steps']} steps, {protocol})"]
     if m["erased"] is not None:
