@@ -118,8 +118,9 @@ def test_target_follows_the_paper_eta_in_both_sampling_modes(tiny_pipe, tmp_path
 
 
 def test_an_iterations_examples_sample_together_as_they_would_one_at_a_time(tiny_pipe, tmp_path):
-    """The batch's partial trajectories run as one batch, each example leaving at its own k: the same draws, x_t,
-    t and targets as one example at a time, in max(N−1−k) sampler forwards instead of Σ(N−1−k)."""
+    """The batch's partial trajectories run as one batch, each example leaving at its own k, and the frozen
+    targets of the whole batch in one forward: the same draws, x_t, t and targets as one example at a time, in
+    max(N−1−k) sampler forwards instead of Σ(N−1−k)."""
     cfg = _cfg(tmp_path, ddim_steps=6, retain=["a blue square", "a green triangle"], batch_size=5)
     unet, reference, frozen, conds = _setup(tiny_pipe, cfg)
     conds |= {p: encode_prompt(tiny_pipe, p) for p in cfg.retain}
@@ -130,9 +131,18 @@ def test_an_iterations_examples_sample_together_as_they_would_one_at_a_time(tiny
         calls.append(len(x))
         return unet_denoiser(unet)(x, t, cond)
 
-    together = draw_examples(cfg, conds, counted, frozen, scheduler, (1, 4, 8, 8), [Slot.seeded(s) for s in range(5)])
+    frozen_calls = []
+
+    def frozen_counted(x, t, cond):
+        frozen_calls.append(len(x))
+        return frozen(x, t, cond)
+
+    together = draw_examples(cfg, conds, counted, frozen_counted, scheduler, (1, 4, 8, 8),
+                             [Slot.seeded(s) for s in range(5)])
     batched_calls, calls[:] = len(calls), []
-    alone = [draw_example(cfg, conds, counted, frozen, scheduler, (1, 4, 8, 8), Slot.seeded(s)) for s in range(5)]
+    assert frozen_calls == [5 * 3]  # every example's guidance start, concept and kept prompt in one forward
+    alone = [draw_example(cfg, conds, counted, frozen_counted, scheduler, (1, 4, 8, 8), Slot.seeded(s))
+             for s in range(5)]
     ks = [ex.k for ex in together]
     assert len(set(ks)) > 1 and ks == [ex.k for ex in alone]  # several stopping steps, the same draws
     assert batched_calls == max(cfg.ddim_steps - 1 - k for k in ks) and len(calls) == sum(5 - k for k in ks)

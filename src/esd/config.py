@@ -204,8 +204,9 @@ class EraseConfig:
         meta={"choices": ["auto", "fp32", "bf16", "fp16"]})
     trajectory_reuse: int = _opt("opt-in speed-up: sample one full DDIM trajectory and draw x_t from it for this many "
                                  "iterations (1: a fresh partial trajectory every iteration, the paper)", default=1)
-    guidance_batch: bool = _opt("run the sampler's conditional and unconditional forwards as one batch "
-                                "(--no-guidance-batch: two forwards, the original cost)", default=True)
+    guidance_batch: bool = _opt("run the sampler's conditional and unconditional forwards as one batch, and the "
+                                "frozen model's predictions of an iteration as one (--no-guidance-batch: one "
+                                "forward per prediction, the original cost)", default=True)
     sampler_batch: bool = _opt("run the partial trajectories of an iteration's examples as one batch, each leaving "
                                "at its own step k (--no-sampler-batch: one example after another, the original cost)",
                                default=True)

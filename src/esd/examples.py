@@ -2,7 +2,8 @@
 
     draw          w ~ W (in a phrasing, --contexts), a prompt to keep (--retain/--siblings), k ~ U[0, N), z_T
     sample_x_t    x_t = DDIM(ε_θ, s, w) from z_T till step k, every example of the iteration in one batched run
-    build_example t in step k's band, the Eq. 5 target from ε*, and ε* of the kept prompt at its own x_t
+    build_examples t in step k's band, the Eq. 5 target from ε*, and ε* of the kept prompt at its own x_t,
+                  the whole batch's frozen predictions in one forward
     batch_loss    ‖ε_θ(x_t, w, t) − target‖² (+ --retain-weight × the kept prompts' term)
 
 `draw_examples` runs the first three for every slot; each `Slot` is one stream of examples with its own random
@@ -25,7 +26,7 @@ from esd.robust import Adversary, TextConds
 from esd.sampling import (
     Cond,
     Denoiser,
-    predict_pairs,
+    predict_rows,
     sample_trajectory,
     sample_until_each,
     step_timestep,
@@ -152,26 +153,41 @@ def sample_x_t(cfg: EraseConfig, draws: list[Draw], slots: list[Slot], sampler: 
     return xs
 
 
-@torch.no_grad()
-def build_example(cfg: EraseConfig, conds: Mapping[str, Cond], frozen: Denoiser, scheduler, d: Draw,
-                  x: torch.Tensor, slot: Slot) -> Example:
-    """Steps 5–6: t in step k's band (or the grid's, --timestep grid) and the frozen model's Eq. 5 target at x_t;
-    with a kept prompt, also ε* of the kept prompt at its own x_t."""
+def target_rows(cfg: EraseConfig, conds: Mapping[str, Cond], scheduler, d: Draw, x: torch.Tensor,
+                slot: Slot) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, Cond]]]:
+    """Step 5 and the inputs of step 6 for one draw: t in step k's band (or the grid's, --timestep grid), and the
+    (x, prompt) pairs ε* is evaluated at — x_t with the guidance start, the concept (and the erase-from context),
+    and with a kept prompt its own x_t with it."""
     x_t, x_kept = x[:1], x[1:]
     t = torch.tensor([step_timestep(d.k, scheduler, slot.gen, cfg.timestep)], device=x.device)
-    prompt_text = cfg.erase_from or d.text
-    named = {"start": conds[guidance_start(cfg, d.context)], "concept": conds[d.text]}
+    rows = {"start": (x_t, conds[guidance_start(cfg, d.context)]), "concept": (x_t, conds[d.text])}
     if cfg.erase_from:
-        named["context"] = conds[prompt_text]
-    xs = [x_t] * len(named)
+        rows["context"] = (x_t, conds[cfg.erase_from])
     if d.kept is not None:
-        named["retain"] = conds[d.kept]
-        xs.append(x_kept)
-    eps = dict(zip(named, predict_pairs(frozen, xs, t, list(named.values()), cfg.guidance_batch), strict=True))
-    target = esd_target(eps["start"], eps["concept"], cfg.eta, eps.get("context"))
-    retain = (conds[d.kept], x_kept, eps["retain"]) if d.kept is not None else None
-    return Example(concept=d.concept, k=d.k, x_t=x_t, t=t, prompt=conds[prompt_text], target=target, retain=retain,
-                   text=prompt_text, context=d.context, retain_text=d.kept, concept_eps=eps["concept"])
+        rows["retain"] = (x_kept, conds[d.kept])
+    return t, rows
+
+
+@torch.no_grad()
+def build_examples(cfg: EraseConfig, conds: Mapping[str, Cond], frozen: Denoiser, scheduler, draws: list[Draw],
+                   xs: list[torch.Tensor], slots: list[Slot]) -> list[Example]:
+    """Steps 5–6 for every draw of the iteration: t, and the frozen model's Eq. 5 target at x_t (with a kept
+    prompt, also ε* of the kept prompt at its own x_t). All of the batch's frozen predictions go through one
+    forward (one per prediction with --no-guidance-batch): on a GPU a forward costs about the same whatever its
+    batch, and on a CPU a small batch costs more per image than a large one."""
+    inputs = [target_rows(cfg, conds, scheduler, d, x, slot) for d, x, slot in zip(draws, xs, slots, strict=True)]
+    rows = [(x, t, c) for t, named in inputs for x, c in named.values()]
+    flat = iter(predict_rows(frozen, rows, cfg.guidance_batch))
+    examples = []
+    for d, (t, named) in zip(draws, inputs, strict=True):
+        eps = {name: next(flat) for name in named}
+        target = esd_target(eps["start"], eps["concept"], cfg.eta, eps.get("context"))
+        retain = (named["retain"][1], named["retain"][0], eps["retain"]) if d.kept is not None else None
+        prompt_text = cfg.erase_from or d.text
+        examples.append(Example(concept=d.concept, k=d.k, x_t=named["concept"][0], t=t, prompt=conds[prompt_text],
+                                target=target, retain=retain, text=prompt_text, context=d.context,
+                                retain_text=d.kept, concept_eps=eps["concept"]))
+    return examples
 
 
 def draw_examples(cfg: EraseConfig, conds: Mapping[str, Cond], sampler: Denoiser, frozen: Denoiser, scheduler,
@@ -187,8 +203,7 @@ def draw_examples(cfg: EraseConfig, conds: Mapping[str, Cond], sampler: Denoiser
     null = conds[""].embeds
     draws = [draw(cfg, slot, latent_shape, null.device, null.dtype) for slot in slots]
     xs = sample_x_t(cfg, draws, slots, sampler, scheduler, sample_conds, guidance)
-    return [build_example(cfg, conds, frozen, scheduler, d, x, slot)
-            for d, x, slot in zip(draws, xs, slots, strict=True)]
+    return build_examples(cfg, conds, frozen, scheduler, draws, xs, slots)
 
 
 def draw_example(cfg: EraseConfig, conds: Mapping[str, Cond], sampler: Denoiser, frozen: Denoiser, scheduler,

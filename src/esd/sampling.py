@@ -54,6 +54,18 @@ def predict_pairs(eps: Denoiser, xs: list[Tensor], t: Tensor, conds: list[Cond],
     return list(out.chunk(len(conds)))
 
 
+def predict_rows(eps: Denoiser, rows: list[tuple[Tensor, Tensor, Cond]], batched: bool = True) -> list[Tensor]:
+    """ε(x, c, t) for each (x, t, c), each x with its own t and prompt: one forward over all of them unless
+    `batched` is False (then one forward per row)."""
+    if not batched:
+        return [eps(x, t, c.repeat(len(x))) for x, t, c in rows]
+    sizes = [len(x) for x, _, _ in rows]
+    x = torch.cat([x for x, _, _ in rows])
+    t = torch.cat([t.expand(n) for (_, t, _), n in zip(rows, sizes, strict=True)])
+    cond = functools.reduce(Cond.cat, [c.repeat(n) for (_, _, c), n in zip(rows, sizes, strict=True)])
+    return list(eps(x, t, cond).split(sizes))
+
+
 def guided(eps: Denoiser, x: Tensor, t: Tensor, cond: Cond, uncond: Cond, scale: float, batched: bool = True):
     """Classifier-free guidance: ε(x,∅) + s·(ε(x,c) − ε(x,∅)); one batched forward unless `batched` is False
     (the original cost model: two separate forwards). s = 1 is the conditional prediction alone: one forward
