@@ -193,15 +193,15 @@ def markdown(rows: list[dict], args: argparse.Namespace, device: str) -> str:
     what = f"recipe `{args.recipe}`, concept `{args.concept}`" if args.recipe else \
         f"method `{args.method}`, DDIM steps {args.ddim_steps}"
     lines = [f"size `{args.size}`, {what}, {args.iterations} iterations, device {device}", "",
-             "| config | s/iter | images/iter (sampler; its forwards) | peak GiB | time vs baseline | images vs baseline | "
-             "memory vs baseline |", "|---|---|---|---|---|---|---|"]
+             "| config | s/iter | images/iter (sampler; its forwards) | forwards/iter | peak GiB | time vs baseline | "
+             "images vs baseline | memory vs baseline |", "|---|---|---|---|---|---|---|---|"]
     base = next((r for r in rows if r["config"] == "baseline"), None)
     for r in rows:
         ratios = [f"{r[k]:.2f}x" if r[k] is not None else "—" for k in ("speed_ratio", "memory_ratio")]
         work = r.get("images_per_iter", {})
         images = f"{work['total'] / base['images_per_iter']['total']:.2f}x" if base and work else "—"
         lines.append(f"| {r['config']} | {r['s_per_iter']:.3f} | {work.get('total', 0):.1f} ({work.get('sampler', 0):.1f}; "
-                     f"{work.get('sampler calls', 0):.1f}) "
+                     f"{work.get('sampler calls', 0):.1f}) | {work.get('forwards', 0):.1f} "
                      f"| {r['peak_bytes'] / 2**30:.2f} | {ratios[0]} | {images} | {ratios[1]} |")
     return "\n".join(lines)
 

@@ -20,7 +20,7 @@ def test_the_counter_adds_batches_by_part_and_backward_as_two_forwards():
         work.iterations += 1
     assert work.per_iteration(checkpointing=True) == {
         "frozen targets": 5.0, "trained forward": 3.0, "backward": 6.0, "checkpoint recompute": 3.0,
-        "adversary": 2.0, "total": 19.0, "sampler calls": 0.0}
+        "adversary": 2.0, "total": 19.0, "sampler calls": 0.0, "forwards": 3.0}
 
 
 @pytest.mark.parametrize("sampler_batch", [True, False])
@@ -33,6 +33,8 @@ def test_an_erase_counts_its_work_and_batching_cuts_the_samplers_sequential_forw
     # per iteration: 2 examples, each with its kept prompt: 4 rows trained; ε* of "", the concept and the kept one
     assert (work["trained forward"], work["backward"], work["checkpoint recompute"]) == (4, 8, 4)
     assert work["frozen targets"] == 6
+    # the iteration's frozen predictions go in one forward, the trained batch in one: the rest are the sampler's
+    assert work["forwards"] == pytest.approx(work["sampler calls"] + 2)
     # each sampler forward takes 2 rows (concept and kept prompt) × 2 (guidance) per example it serves
     per_example_call = 4
     if sampler_batch:

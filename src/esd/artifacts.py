@@ -146,9 +146,10 @@ def work_line(work: dict[str, float]) -> str:
     """Images through the denoising network per iteration, by part (esd.cost), as one line."""
     if not work:
         return "—"
-    parts = ", ".join(f"{part} {n:.1f}" for part, n in work.items() if part not in ("total", "sampler calls"))
-    return (f"{work['total']:.1f} images ({parts}; a backward counts as two forwards); the sampler's "
-            f"{work.get('sampler calls', 0):.1f} forwards run one after another")
+    parts = ", ".join(f"{part} {n:.1f}" for part, n in work.items() if part not in ("total", "sampler calls", "forwards"))
+    return (f"{work['total']:.1f} images ({parts}; a backward counts as two forwards) in "
+            f"{work.get('forwards', 0):.1f} forwards, the sampler's {work.get('sampler calls', 0):.1f} of them one "
+            f"after another")
 
 
 def adversary_embeddings(cfg: EraseConfig) -> str:

@@ -48,11 +48,13 @@ class WorkCounter:
 
     def per_iteration(self, checkpointing: bool = False) -> dict[str, float]:
         """Mean images per iteration, by part, plus `total`: the backward pass as twice the trained forward, and
-        with gradient `checkpointing` its recomputation as once more; and `sampler calls`, the sampler's forwards
-        (its sequential steps: on a GPU each costs about the same whatever its batch)."""
+        with gradient `checkpointing` its recomputation as once more; `sampler calls`, the sampler's forwards
+        (its sequential steps: on a GPU each costs about the same whatever its batch); and `forwards`, the calls
+        of the network in all parts (a backward not counted)."""
         n = max(1, self.iterations)
         out = {part: self.images[part] / n for part in PARTS}
         out["backward"] = 2 * out["trained forward"]
         out["checkpoint recompute"] = out["trained forward"] if checkpointing else 0
         out = {part: out[part] for part in PARTS if out[part]}
-        return out | {"total": sum(out.values()), "sampler calls": self.calls["sampler"] / n}
+        return out | {"total": sum(out.values()), "sampler calls": self.calls["sampler"] / n,
+                      "forwards": sum(self.calls.values()) / n}
