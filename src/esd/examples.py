@@ -182,9 +182,13 @@ def build_examples(cfg: EraseConfig, conds: Mapping[str, Cond], frozen: Denoiser
     for d, (t, named) in zip(draws, inputs, strict=True):
         eps = {name: next(flat) for name in named}
         target = esd_target(eps["start"], eps["concept"], cfg.eta, eps.get("context"))
-        retain = (named["retain"][1], named["retain"][0], eps["retain"]) if d.kept is not None else None
+        x_t = named["concept"][0]
+        retain = None
+        if d.kept is not None:  # (r, x_t^r, ε*(x_t^r, r, t))
+            x_kept, kept = named["retain"]
+            retain = (kept, x_kept, eps["retain"])
         prompt_text = cfg.erase_from or d.text
-        examples.append(Example(concept=d.concept, k=d.k, x_t=named["concept"][0], t=t, prompt=conds[prompt_text],
+        examples.append(Example(concept=d.concept, k=d.k, x_t=x_t, t=t, prompt=conds[prompt_text],
                                 target=target, retain=retain, text=prompt_text, context=d.context,
                                 retain_text=d.kept, concept_eps=eps["concept"]))
     return examples

@@ -41,17 +41,7 @@ def predict_prompts(eps: Denoiser, x: Tensor, t: Tensor, conds: list[Cond], batc
     ESD needs ε*(x_t, t) and ε*(x_t, c, t) (and ε*(x_t, f, t) in erase-from mode) at one x_t; batching
     them turns two or three forwards into one, which is what a GPU is fastest at.
     """
-    return predict_pairs(eps, [x] * len(conds), t, conds, batched)
-
-
-def predict_pairs(eps: Denoiser, xs: list[Tensor], t: Tensor, conds: list[Cond], batched: bool = True) -> list[Tensor]:
-    """ε(x_i, c_i, t) for each pair, all x_i of one batch size: one forward unless `batched` is False."""
-    if not batched:
-        return [eps(x, t, c.repeat(len(x))) for x, c in zip(xs, conds, strict=True)]
-    n = len(xs[0])
-    t = t.expand(n) if t.numel() == 1 else t
-    out = eps(torch.cat(xs), t.repeat(len(conds)), functools.reduce(Cond.cat, [c.repeat(n) for c in conds]))
-    return list(out.chunk(len(conds)))
+    return predict_rows(eps, [(x, t, c) for c in conds], batched)
 
 
 def predict_rows(eps: Denoiser, rows: list[tuple[Tensor, Tensor, Cond]], batched: bool = True) -> list[Tensor]:
